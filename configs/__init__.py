@@ -1,0 +1,1 @@
+"""Experiment configs: `get_config(arg)` files loaded with `--config path.py:arg`."""

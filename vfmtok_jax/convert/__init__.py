@@ -1,0 +1,1 @@
+"""Weight converters: foreign layouts (PyTorch state dicts, HF folders, ONNX) -> Flax trees."""

@@ -1,0 +1,223 @@
+"""One way to read foreign weights and one way to report what does not fit.
+
+A converter is a mapping from our Flax param paths to (source key, transform). `assemble`
+walks the expected tree (from `jax.eval_shape(model.init, ...)`), pulls every leaf from the
+source, checks its shape, and reports every missing, unexpected and mis-shaped tensor in a
+single `WeightLoadError`. Nothing loads partially unless the caller passes `allow_missing`/
+`allow_unexpected` explicitly.
+
+State dicts are read without unpickling arbitrary objects: safetensors directly, `.pt`/`.pth`
+with `torch.load(weights_only=True)`, `.npz` with `allow_pickle=False`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Iterable, Mapping
+
+import flax
+import jax
+import numpy as np
+
+Transform = Callable[[np.ndarray], np.ndarray]
+
+
+class WeightLoadError(ValueError):
+  """Weights that do not fit the model: lists every problem at once."""
+
+  def __init__(self, source: str, *, missing: Iterable[str] = (),
+               unexpected: Iterable[str] = (), mismatched: Iterable[str] = (),
+               other: Iterable[str] = ()):
+    self.source = source
+    self.missing = sorted(missing)
+    self.unexpected = sorted(unexpected)
+    self.mismatched = list(mismatched)
+    self.other = list(other)
+    lines = [f"cannot load weights from {source}:"]
+    for title, items in (("missing keys", self.missing), ("unexpected keys", self.unexpected),
+                         ("mis-shaped tensors", self.mismatched), ("problems", self.other)):
+      if items:
+        lines.append(f"  {len(items)} {title}:")
+        lines.extend(f"    {item}" for item in items[:50])
+        if len(items) > 50:
+          lines.append(f"    ... and {len(items) - 50} more")
+    super().__init__("\n".join(lines))
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading.
+# ----------------------------------------------------------------------------------------------
+
+def _torch_to_numpy(value) -> np.ndarray:
+  import torch  # pylint: disable=g-import-not-at-top
+  if value.dtype == torch.bfloat16:
+    value = value.float()
+  return value.detach().cpu().numpy()
+
+
+def read_state_dict(path: str, *, subkey: str | None = None) -> dict[str, np.ndarray]:
+  """Reads a flat {name: array} dict from .safetensors, .pt/.pth/.bin or .npz.
+
+  Args:
+    path: the file.
+    subkey: for torch checkpoints that wrap the state dict (e.g. {'model': ..., 'ema': ...}),
+      which entry to take. None takes the dict itself when it holds tensors, else 'model'.
+
+  Raises:
+    WeightLoadError: unknown format, unreadable file, or non-tensor content.
+  """
+  if not os.path.isfile(path):
+    raise WeightLoadError(path, other=["no such file"])
+  ext = os.path.splitext(path)[1].lower()
+  if ext == ".safetensors":
+    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    try:
+      return dict(load_file(path))
+    except Exception as e:  # safetensors raises several types for corrupt files
+      raise WeightLoadError(path, other=[f"not a readable safetensors file ({e})"]) from e
+  if ext == ".npz":
+    try:
+      with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+    except Exception as e:
+      raise WeightLoadError(path, other=[f"not a readable .npz file ({e})"]) from e
+  if ext in (".pt", ".pth", ".bin", ".ckpt"):
+    import torch  # pylint: disable=g-import-not-at-top
+    try:
+      obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+      raise WeightLoadError(path, other=[
+          f"torch.load(weights_only=True) refused or failed ({type(e).__name__}: "
+          f"{str(e).splitlines()[0] if str(e) else ''}); only plain tensor state dicts load"]
+                            ) from e
+    if not isinstance(obj, Mapping):
+      raise WeightLoadError(path, other=[f"expected a dict of tensors, got {type(obj).__name__}"])
+    if subkey is None and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+      subkey = "model"
+    if subkey is not None:
+      if subkey not in obj:
+        raise WeightLoadError(path, other=[
+            f"checkpoint has no entry {subkey!r}; entries: {sorted(map(str, obj))}"])
+      obj = obj[subkey]
+    out, bad = {}, []
+    for k, v in obj.items():
+      if isinstance(v, torch.Tensor):
+        out[k] = _torch_to_numpy(v)
+      else:
+        bad.append(f"{k}: not a tensor ({type(v).__name__})")
+    if bad:
+      raise WeightLoadError(path, other=bad)
+    return out
+  raise WeightLoadError(path, other=[
+      f"unknown weight format {ext!r}; expected .safetensors, .pt/.pth/.bin or .npz"])
+
+
+def strip_prefix(state: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+  """Keeps the keys under `prefix` (with the prefix removed)."""
+  if not prefix:
+    return dict(state)
+  if not prefix.endswith("."):
+    prefix += "."
+  return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Transforms.
+# ----------------------------------------------------------------------------------------------
+
+def identity(x: np.ndarray) -> np.ndarray:
+  return x
+
+
+def linear(x: np.ndarray) -> np.ndarray:
+  """PyTorch Linear (out, in) -> Flax kernel (in, out)."""
+  return np.ascontiguousarray(x.T)
+
+
+def conv(x: np.ndarray) -> np.ndarray:
+  """PyTorch conv OIHW -> Flax HWIO."""
+  return np.ascontiguousarray(x.transpose(2, 3, 1, 0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Assembly.
+# ----------------------------------------------------------------------------------------------
+
+Source = tuple  # (key, transform) or (tuple_of_keys, combine_fn)
+
+
+def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
+  """{'a': {'b': x}} -> {'a/b': x}."""
+  return {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(dict(tree)).items()}
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict:
+  return flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+
+
+def assemble(expected: Mapping[str, Any], mapping: Mapping[str, Source],
+             state: Mapping[str, np.ndarray], *, source: str,
+             ignore: Iterable[str] = (), allow_missing: bool = False,
+             allow_unexpected: bool = False) -> dict:
+  """Builds a param tree from `state` following `mapping`, checking every tensor.
+
+  Args:
+    expected: the target tree (arrays or ShapeDtypeStructs), e.g. unboxed `eval_shape(init)`.
+    mapping: flat target path ('a/b/kernel') -> (source key, transform) or
+      ((key1, key2, ...), combine) where combine takes the arrays in that order.
+    state: flat source tensors.
+    source: a name for error messages (file path).
+    ignore: source keys that are known and deliberately dropped.
+    allow_missing: leave unmapped/missing leaves out instead of raising (partial load).
+    allow_unexpected: do not raise on unused source keys.
+
+  Returns:
+    A nested dict of float32 numpy arrays with exactly the expected structure (minus the
+    missing leaves when `allow_missing`).
+
+  Raises:
+    WeightLoadError: listing every missing, unexpected and mis-shaped tensor.
+  """
+  flat_expected = flatten(expected)
+  missing, mismatched, used = [], [], set(ignore)
+  out = {}
+  unmapped = sorted(set(flat_expected) - set(mapping))
+  if unmapped:
+    missing.extend(f"{p} (no source mapping)" for p in unmapped)
+  for path, (keys, fn) in mapping.items():
+    if path not in flat_expected:
+      raise KeyError(f"converter maps {path!r}, which the model does not have")
+    key_tuple = (keys,) if isinstance(keys, str) else tuple(keys)
+    absent = [k for k in key_tuple if k not in state]
+    if absent:
+      missing.extend(f"{k} (for {path})" for k in absent)
+      continue
+    used.update(key_tuple)
+    try:
+      value = fn(*[np.asarray(state[k]) for k in key_tuple])
+    except Exception as e:  # a transform that cannot apply means a wrong shape
+      mismatched.append(f"{' + '.join(key_tuple)}: "
+                        f"{[tuple(np.shape(state[k])) for k in key_tuple]} cannot be "
+                        f"converted for {path} ({e})")
+      continue
+    want = tuple(flat_expected[path].shape)
+    if tuple(value.shape) != want:
+      shapes = [tuple(np.shape(state[k])) for k in key_tuple]
+      mismatched.append(f"{' + '.join(key_tuple)}: source {shapes} -> {tuple(value.shape)}, "
+                        f"model {path} expects {want}")
+      continue
+    out[path] = np.asarray(value, dtype=np.float32)
+  unexpected = sorted(set(state) - used)
+  problems_missing = [] if allow_missing else missing
+  problems_unexpected = [] if allow_unexpected else unexpected
+  if problems_missing or problems_unexpected or mismatched:
+    raise WeightLoadError(source, missing=problems_missing, unexpected=problems_unexpected,
+                          mismatched=mismatched)
+  return unflatten(out)
+
+
+def expected_params(model, *args, rng_seed: int = 0, **kwargs) -> dict:
+  """Unboxed abstract `params` tree of `model.init(rng, *args, **kwargs)`."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(rng_seed), *args, **kwargs))
+  return nn.unbox(shapes)["params"]

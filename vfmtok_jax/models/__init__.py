@@ -1,0 +1,1 @@
+"""Flax (Linen) models: VFM towers, tokenizer parts and generator."""

@@ -1,0 +1,127 @@
+"""Small Linen building blocks with a compute dtype, f32 params and logical axis names.
+
+Every parameter is created through `nn.with_logical_partitioning`, so `model.init` returns
+boxed params whose names (`embed`, `mlp`, `heads`, ...) the sharding rules map onto the mesh;
+`nn.unbox` gives the plain arrays that `apply` and the weight converters use.
+Norm statistics and softmax are always computed in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+
+def logical(init: Initializer, axes: Sequence[str | None]) -> Initializer:
+  """Attaches logical axis names to an initializer."""
+  return nn.with_logical_partitioning(init, tuple(axes))
+
+
+class Dense(nn.Module):
+  """`y = x @ kernel (+ bias)`; kernel (in, out) stored f32, matmul in `dtype`."""
+  features: int
+  use_bias: bool = True
+  kernel_axes: tuple[str | None, str | None] = ("embed", "mlp")
+  kernel_init: Initializer = nn.initializers.lecun_normal()
+  bias_init: Initializer = nn.initializers.zeros
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", logical(self.kernel_init, self.kernel_axes),
+                        (x.shape[-1], self.features), jnp.float32)
+    y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      bias = self.param("bias", logical(self.bias_init, self.kernel_axes[1:]),
+                        (self.features,), jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm over the last axis, statistics in float32, output in `dtype`."""
+  epsilon: float = 1e-5
+  use_bias: bool = True
+  use_scale: bool = True
+  axis_name: str = "embed"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon)
+    if self.use_scale:
+      y = y * self.param("scale", logical(nn.initializers.ones, (self.axis_name,)),
+                         (x.shape[-1],), jnp.float32)
+    if self.use_bias:
+      y = y + self.param("bias", logical(nn.initializers.zeros, (self.axis_name,)),
+                         (x.shape[-1],), jnp.float32)
+    return y.astype(self.dtype)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                          mask: jax.Array | None = None, dtype: Dtype = jnp.float32,
+                          dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None
+                          ) -> jax.Array:
+  """Scaled dot-product attention, logits and softmax in float32.
+
+  Args:
+    q: (B, Lq, H, D); k, v: (B, Lk, H, D).
+    mask: boolean "keep" mask broadcastable to (B, H, Lq, Lk), or None.
+    dtype: dtype of the probability-times-value matmul.
+    dropout_rate: attention-probability dropout (needs `dropout_rng` when > 0).
+
+  Returns:
+    (B, Lq, H, D) in `dtype`.
+  """
+  scale = q.shape[-1] ** -0.5
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(dtype), k.astype(dtype),
+                      preferred_element_type=jnp.float32) * scale
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1)
+  if dropout_rate > 0.0 and dropout_rng is not None:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dtype), v.astype(dtype))
+
+
+def gelu_exact(x: jax.Array) -> jax.Array:
+  """erf GELU (PyTorch `nn.GELU()`); Flax's `nn.gelu` defaults to the tanh form."""
+  return nn.gelu(x, approximate=False)
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+  """tanh-approximate GELU (PyTorch `nn.GELU(approximate="tanh")`)."""
+  return nn.gelu(x, approximate=True)
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+  """CLIP's `x * sigmoid(1.702 x)`."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": gelu_exact,
+    "gelu_pytorch_tanh": gelu_tanh,
+    "gelu_new": gelu_tanh,
+    "quick_gelu": quick_gelu,
+    "relu": nn.relu,
+    "silu": nn.silu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  """Looks up an activation by its transformers name."""
+  try:
+    return ACTIVATIONS[name]
+  except KeyError:
+    raise ValueError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}") from None

@@ -1,0 +1,1 @@
+"""Frozen vision foundation models (DINOv2, CLIP, SigLIP) with a multi-level interface."""
