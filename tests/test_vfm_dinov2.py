@@ -167,8 +167,9 @@ def test_bfloat16_close_to_float32(tokenizer_io, tokenizer_state):
 def test_default_levels():
   assert dinov2.default_levels(24) == (5, 11, 17, 23)
   assert dinov2.default_levels(12) == (2, 5, 8, 11)
+  assert dinov2.default_levels(6) == (0, 2, 3, 5)
   with pytest.raises(ValueError):
-    dinov2.default_levels(6)
+    dinov2.default_levels(3)
 
 
 def test_variants_param_count():

@@ -30,11 +30,13 @@ VARIANTS = {
 
 
 def default_levels(depth: int) -> tuple[int, ...]:
-  """Last block of each quarter: [d/4-1, d/2-1, 3d/4-1, d-1] ([5, 11, 17, 23] for ViT-L)."""
-  if depth < 4 or depth % 4:
-    raise ValueError(f"the default level rule needs a depth divisible by 4, got {depth}")
-  q = depth // 4
-  return (q - 1, 2 * q - 1, 3 * q - 1, depth - 1)
+  """Last block of each quarter: [d/4-1, d/2-1, 3d/4-1, d-1] ([5, 11, 17, 23] for ViT-L).
+
+  For a depth not divisible by 4 the quarter ends are floored (depth 6 -> [0, 2, 3, 5]).
+  """
+  if depth < 4:
+    raise ValueError(f"the default level rule needs at least 4 blocks, got {depth}")
+  return tuple(k * depth // 4 - 1 for k in range(1, 5))
 
 
 def swiglu_hidden(embed_dim: int, mlp_ratio: float = 4.0) -> int:

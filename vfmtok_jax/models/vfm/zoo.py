@@ -21,6 +21,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from vfmtok_jax.convert import common
@@ -118,7 +119,9 @@ def _load_saved(path: str) -> VFM:
   with open(os.path.join(path, VFM_JSON)) as f:
     meta = json.load(f)
   try:
-    module = _module_class(meta["kind"])(**meta["module"])
+    kwargs = dict(meta["module"])
+    kwargs["dtype"] = getattr(jnp, kwargs.get("dtype", "float32"))
+    module = _module_class(meta["kind"])(**kwargs)
   except (KeyError, TypeError) as e:
     raise common.WeightLoadError(path, other=[f"{VFM_JSON} does not describe a VFM ({e})"]) from e
   patch = module.patch_size

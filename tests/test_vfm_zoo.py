@@ -1,0 +1,56 @@
+"""`load_vfm` dispatch, Orbax save/restore of converted weights, and source errors."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from vfmtok_jax.convert import __main__ as convert_cli
+from vfmtok_jax.convert import common
+from vfmtok_jax.convert import dinov2 as convert_dinov2
+from vfmtok_jax.models.vfm import zoo
+
+
+@pytest.fixture(scope="module")
+def golden_pth(tmp_path_factory, tokenizer_state):
+  backbone = common.strip_prefix(tokenizer_state, convert_dinov2.VFMTOK_PREFIX)
+  path = tmp_path_factory.mktemp("pth") / "dinov2_golden.pth"
+  torch.save({k: torch.from_numpy(v) for k, v in backbone.items()}, path)
+  return str(path)
+
+
+def test_convert_cli_then_restore(tmp_path, golden_pth, capsys):
+  dst = tmp_path / "vfm_orbax"
+  assert convert_cli.main(["vfm", golden_pth, str(dst), "--num_heads", "3"]) == 0
+  assert "converted dinov2 (4 blocks, width 48" in capsys.readouterr().out
+  original = zoo.load_vfm(golden_pth, num_heads=3)
+  restored = zoo.load_vfm(str(dst))
+  assert restored.kind == "dinov2" and restored.module == original.module
+  assert restored.native_size == 518 and restored.mean == original.mean
+  jax.tree.map(np.testing.assert_array_equal, original.params, restored.params)
+  x = np.random.default_rng(0).standard_normal((1, 28, 42, 3)).astype(np.float32)
+  a = original.module.apply({"params": original.params}, x)["last_hidden_state"]
+  b = restored.module.apply({"params": restored.params}, x)["last_hidden_state"]
+  np.testing.assert_array_equal(a, b)
+
+
+def test_restore_refuses_a_different_tree(tmp_path, golden_pth):
+  dst = tmp_path / "vfm_orbax"
+  zoo.save_vfm(zoo.load_vfm(golden_pth, num_heads=3), str(dst))
+  meta = json.loads((dst / zoo.VFM_JSON).read_text())
+  meta["module"]["depth"] = 6  # the checkpoint holds 4 blocks
+  (dst / zoo.VFM_JSON).write_text(json.dumps(meta))
+  with pytest.raises(common.WeightLoadError, match="do not match"):
+    zoo.load_vfm(str(dst))
+
+
+def test_missing_source():
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    zoo.load_vfm("/nonexistent/dinov2.pth")
+
+
+def test_folder_without_config(tmp_path):
+  with pytest.raises(common.WeightLoadError, match="no config.json"):
+    zoo.load_vfm(str(tmp_path))
