@@ -95,7 +95,8 @@ def test_clip_parity(clip_hf, hw):
   ref = _hf_outputs(hf_model, images)
   assert len(ref["hidden"]) == DEPTH + 1
   levels = tuple(range(DEPTH))
-  out = _run(module, params, images, levels)
+  out = _run(module, params, images, None)  # default levels = (0, 1, 2, 3) at depth 4
+  assert len(out["levels"]) == DEPTH
   grid = (hw[0] // 4, hw[1] // 4)
   assert out["grid"] == grid
   for level, feat in zip(levels, out["levels"]):
@@ -115,6 +116,7 @@ def test_siglip_parity(siglip_hf, hw):
   ref = _hf_outputs(hf_model, images)
   levels = tuple(range(DEPTH))
   out = _run(module, params, images, levels)
+  assert len(out["levels"]) == DEPTH
   assert out["grid"] == (hw[0] // 4, hw[1] // 4)
   for level, feat in zip(levels[:-1], out["levels"][:-1]):
     _close(feat, ref["hidden"][level + 1], f"SigLIP level {level}")
@@ -124,16 +126,14 @@ def test_siglip_parity(siglip_hf, hw):
   _close(out["pooled"], ref["pooled"], "SigLIP pooled")
 
 
-def test_default_levels(clip_hf, siglip_hf):
-  images = np.random.default_rng(0).standard_normal((1, 16, 16, 3)).astype(np.float32)
+def test_levels_arg(clip_hf, siglip_hf):
+  """levels=None is the last block of each quarter ((0, 1, 2, 3) here, which the parity tests
+  use); out-of-range levels are refused."""
+  images = np.zeros((1, 16, 16, 3), np.float32)
   for (_, folder), load in ((clip_hf, hf_vision.load_clip_folder),
                             (siglip_hf, hf_vision.load_siglip_folder)):
     module, params = load(folder)
-    default = module.apply({"params": params}, images)["levels"]
-    explicit = module.apply({"params": params}, images, levels=(0, 1, 2, 3))["levels"]
-    assert len(default) == 4
-    for a, b in zip(default, explicit):
-      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert clip.check_levels(None, module.depth, "x") == tuple(range(DEPTH))
     with pytest.raises(ValueError, match="out of range"):
       module.apply({"params": params}, images, levels=(DEPTH,))
 
@@ -145,9 +145,9 @@ def test_siglip_without_head(tmp_path):
   module, params = hf_vision.load_hf_vision_folder(_save(hf_model, tmp_path / "m"))
   assert not module.use_head and "head" not in params
   images = np.random.default_rng(1).standard_normal((1, 16, 16, 3)).astype(np.float32)
-  out = module.apply({"params": params}, images)
+  out = _run(module, params, images, None)
   assert "pooled" not in out
-  _close(np.asarray(out["last_hidden_state"]), _hf_outputs(hf_model, images)["last"],
+  _close(out["last_hidden_state"], _hf_outputs(hf_model, images)["last"],
          "SigLIP (no head) last_hidden_state")
 
 
@@ -174,8 +174,7 @@ def test_full_models_and_prefixes(tmp_path, clip_hf, siglip_hf):
   images = np.random.default_rng(2).standard_normal((1, 16, 16, 3)).astype(np.float32)
   with torch.no_grad():
     want = full.vision_model(torch.from_numpy(images.transpose(0, 3, 1, 2))).pooler_output
-  _close(np.asarray(module.apply({"params": params}, images)["pooled"]), want.numpy(),
-         "full CLIP pooled")
+  _close(_run(module, params, images, None)["pooled"], want.numpy(), "full CLIP pooled")
 
   full = transformers.SiglipModel(transformers.SiglipConfig(text_config=TEXT,
                                                             vision_config=VISION))
@@ -183,8 +182,7 @@ def test_full_models_and_prefixes(tmp_path, clip_hf, siglip_hf):
   assert isinstance(module, siglip.SiglipVision) and module.use_head
   with torch.no_grad():
     want = full.vision_model(torch.from_numpy(images.transpose(0, 3, 1, 2))).pooler_output
-  _close(np.asarray(module.apply({"params": params}, images)["pooled"]), want.numpy(),
-         "full SigLIP pooled")
+  _close(_run(module, params, images, None)["pooled"], want.numpy(), "full SigLIP pooled")
 
   # v4 layout: vision-only models saved under `vision_model.` (plus an old position_ids buffer).
   for (_, src), name in ((clip_hf, "clip_v4"), (siglip_hf, "siglip_v4")):

@@ -23,7 +23,7 @@ def golden_pth(tmp_path_factory, tokenizer_state):
 
 def test_convert_cli_then_restore(tmp_path, golden_pth, capsys):
   dst = tmp_path / "vfm_orbax"
-  assert convert_cli.main(["vfm", golden_pth, str(dst), "--num_heads", "3"]) == 0
+  convert_cli.convert_vfm(golden_pth, str(dst), num_heads=3)
   assert "converted dinov2 (4 blocks, width 48" in capsys.readouterr().out
   original = zoo.load_vfm(golden_pth, num_heads=3)
   restored = zoo.load_vfm(str(dst))
@@ -54,3 +54,21 @@ def test_missing_source():
 def test_folder_without_config(tmp_path):
   with pytest.raises(common.WeightLoadError, match="no config.json"):
     zoo.load_vfm(str(tmp_path))
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_hf_folder_dispatch(tmp_path, kind):
+  import transformers  # pylint: disable=g-import-not-at-top
+  cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+             image_size=16, patch_size=4)
+  if kind == "clip":
+    model = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**cfg))
+  else:
+    model = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**cfg))
+  model.save_pretrained(tmp_path / kind)
+  vfm = zoo.load_vfm(str(tmp_path / kind))
+  assert vfm.kind == kind and vfm.width == 32 and vfm.native_size == 16
+  assert vfm.mean == (zoo.preprocess.CLIP_MEAN if kind == "clip" else zoo.preprocess.SIGLIP_MEAN)
+  x = np.random.default_rng(0).standard_normal((1, 16, 16, 3)).astype(np.float32)
+  out = vfm.module.apply({"params": vfm.params}, x)
+  assert [f.shape for f in out["levels"]] == [(1, 16, 32)] * 4

@@ -1,44 +1,99 @@
-"""Weight conversion command line.
+r"""Weight conversion command line.
 
   python -m vfmtok_jax.convert vfm SRC DST [--num_heads N]
       SRC: anything `load_vfm` reads (HF folder, official DINOv2 .pth/.safetensors, .onnx,
-      "default"); DST: a folder with the Orbax params and `vfm.json`, loadable by
-      `load_vfm(DST)` and every `--vfm`/`vfm.source` option.
+      "default"); DST: a folder with the Orbax params and `vfm.json`.
+
+  python -m vfmtok_jax.convert tokenizer SRC DST [--config.KEY=VALUE ...]
+      SRC: an official VFMTok tokenizer checkpoint (`.pt` as released, {'model', 'ema', ...}
+      or a bare state dict; or `.safetensors`). Every size the tensors determine is inferred;
+      head counts, the decoder grid, dropout and the VFM (source, levels, size, resize) come
+      from the config (default configs/tokenizer.py:official), e.g.
+      --config.model.decoder_heads=4 --config.vfm.levels="(0,1,2,3)". When SRC contains the
+      DINOv2 backbone it is converted too and stored in DST/vfm.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
+import os
 
+from absl import app
+from absl import flags
 import jax
 import numpy as np
+from ml_collections import config_flags
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs",
+                               "tokenizer.py") + ":official"
+_CONFIG = config_flags.DEFINE_config_file("config", os.path.normpath(_DEFAULT_CONFIG),
+                                          "tokenizer config (model/vfm blocks)", lock_config=True)
+_NUM_HEADS = flags.DEFINE_integer("num_heads", 0, "heads of a DINOv2 of a non-published width")
+_ENTRY = flags.DEFINE_string("checkpoint_entry", "",
+                             "entry of a {'model', 'ema'} checkpoint to convert (default: ema "
+                             "when present, else model)")
+
+# Settings the tensors cannot tell; taken from the config.
+NON_INFERABLE = ("encoder_heads", "encoder_self_attn_heads", "decoder_heads", "decoder_grid",
+                 "attn_dropout", "commit_beta", "entropy_weight", "dtype")
 
 
-def _convert_vfm(args) -> int:
+def _n_params(tree) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def convert_vfm(src: str, dst: str, num_heads: int = 0) -> None:
   from vfmtok_jax.models.vfm import zoo  # pylint: disable=g-import-not-at-top
-  kwargs = {"num_heads": args.num_heads} if args.num_heads else {}
-  vfm = zoo.load_vfm(args.src, **kwargs)
-  zoo.save_vfm(vfm, args.dst)
-  n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(vfm.params))
-  print(f"converted {vfm.kind} ({vfm.depth} blocks, width {vfm.width}, {n:,} params) "
-        f"from {args.src} -> {args.dst}")
-  return 0
+  vfm = zoo.load_vfm(src, **({"num_heads": num_heads} if num_heads else {}))
+  zoo.save_vfm(vfm, dst)
+  print(f"converted {vfm.kind} ({vfm.depth} blocks, width {vfm.width}, "
+        f"{_n_params(vfm.params):,} params) from {src} -> {dst}")
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m vfmtok_jax.convert", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  sub = parser.add_subparsers(dest="what", required=True)
-  vfm = sub.add_parser("vfm", help="convert a frozen VFM to an Orbax checkpoint")
-  vfm.add_argument("src")
-  vfm.add_argument("dst")
-  vfm.add_argument("--num_heads", type=int, default=0,
-                   help="heads of an official-layout DINOv2 of a non-published width")
-  vfm.set_defaults(run=_convert_vfm)
-  args = parser.parse_args(argv)
-  return args.run(args)
+def read_tokenizer_state(src: str, entry: str = "") -> dict:
+  """Flat tensors of an official tokenizer checkpoint (EMA weights by default)."""
+  from vfmtok_jax.convert import common  # pylint: disable=g-import-not-at-top
+  if src.endswith((".pt", ".pth", ".bin", ".ckpt")) and not entry:
+    import torch  # pylint: disable=g-import-not-at-top
+    try:
+      obj = torch.load(src, map_location="cpu", weights_only=True)
+    except Exception as e:
+      raise common.WeightLoadError(src, other=[f"torch.load(weights_only=True) failed: {e}"]) from e
+    if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+      entry = "ema" if "ema" in obj else "model"
+  return common.read_state_dict(src, subkey=entry or None)
+
+
+def convert_tokenizer(src: str, dst: str, config, entry: str = "") -> None:
+  from vfmtok_jax import tokenizer_io  # pylint: disable=g-import-not-at-top
+  from vfmtok_jax.convert import dinov2 as convert_dinov2  # pylint: disable=g-import-not-at-top
+  from vfmtok_jax.convert import tokenizer as convert_tokenizer  # pylint: disable=g-import-not-at-top
+  from vfmtok_jax.models.vfm import zoo  # pylint: disable=g-import-not-at-top
+  state = read_tokenizer_state(src, entry)
+  overrides = tokenizer_io.model_kwargs({k: config.model[k] for k in NON_INFERABLE})
+  overrides = {k: overrides[k] for k in NON_INFERABLE}
+  model, params = convert_tokenizer.from_state(state, source=src, **overrides)
+  vfm = None
+  if any(k.startswith(convert_dinov2.VFMTOK_PREFIX) for k in state):
+    heads = config.vfm.num_heads or None
+    module, vfm_params = convert_dinov2.from_official_state(state, source=src, num_heads=heads)
+    vfm = zoo.VFM("dinov2", module, vfm_params, zoo.preprocess.IMAGENET_MEAN,
+                  zoo.preprocess.IMAGENET_STD, module.pos_grid * module.patch_size, src)
+  vfm_cfg = dict(config.vfm)
+  tokenizer_io.save_tokenizer(dst, model, params, vfm_cfg, vfm=vfm, source=src)
+  print(f"converted tokenizer ({_n_params(params):,} params; {model.num_queries} queries, "
+        f"codebook {model.codebook_size}x{model.code_dim}, {model.image_size} px output)"
+        f"{' + DINOv2 backbone' if vfm else ''} from {src} -> {dst}")
+
+
+def main(argv):
+  if len(argv) != 4 or argv[1] not in ("vfm", "tokenizer"):
+    raise app.UsageError("usage: python -m vfmtok_jax.convert {vfm,tokenizer} SRC DST [flags]")
+  _, what, src, dst = argv
+  if what == "vfm":
+    convert_vfm(src, dst, _NUM_HEADS.value)
+  else:
+    convert_tokenizer(src, dst, _CONFIG.value, _ENTRY.value)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  app.run(main)

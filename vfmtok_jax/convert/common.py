@@ -139,6 +139,52 @@ def conv(x: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(x.transpose(2, 3, 1, 0))
 
 
+def concat_linear(*weights: np.ndarray) -> np.ndarray:
+  """Several PyTorch Linear weights (out_i, in) -> one Flax kernel (in, sum out_i)."""
+  return np.concatenate([linear(w) for w in weights], axis=1)
+
+
+def concat(*arrays: np.ndarray) -> np.ndarray:
+  return np.concatenate(arrays, axis=0)
+
+
+def ln_entries(prefix: str) -> dict:
+  """LayerNorm `prefix.weight/bias` -> {'scale', 'bias'}."""
+  return {"scale": (f"{prefix}.weight", identity), "bias": (f"{prefix}.bias", identity)}
+
+
+def dense_entries(prefix: str) -> dict:
+  """Linear `prefix.weight/bias` -> {'kernel', 'bias'}."""
+  return {"kernel": (f"{prefix}.weight", linear), "bias": (f"{prefix}.bias", identity)}
+
+
+def nest(path: str, entries: Mapping[str, tuple]) -> dict:
+  """Prefixes mapping entries with a Flax path."""
+  return {f"{path}/{k}": v for k, v in entries.items()}
+
+
+def read_hf_folder(path: str) -> tuple[dict, dict[str, np.ndarray]]:
+  """(config.json dict, tensors) of a `save_pretrained` folder.
+
+  Reads every *.safetensors file (shards included), else `pytorch_model.bin` (weights_only).
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  cfg_path = os.path.join(path, "config.json")
+  if not os.path.isfile(cfg_path):
+    raise WeightLoadError(path, other=["no config.json: not a Hugging Face model folder"])
+  with open(cfg_path) as f:
+    config = json.load(f)
+  files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+  if not files and os.path.isfile(os.path.join(path, "pytorch_model.bin")):
+    files = ["pytorch_model.bin"]
+  if not files:
+    raise WeightLoadError(path, other=["no *.safetensors or pytorch_model.bin weights"])
+  state = {}
+  for name in files:
+    state.update(read_state_dict(os.path.join(path, name)))
+  return config, state
+
+
 # ----------------------------------------------------------------------------------------------
 # Assembly.
 # ----------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ Hugging Face layout (`Dinov2Model`, `Dinov2WithRegistersModel`): `embeddings.*`,
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -28,26 +27,6 @@ from vfmtok_jax.models.vfm import dinov2
 VFMTOK_PREFIX = "encode_transformer.backbone.pretrained_encoder."
 # Heads of the published shapes, by width (the state dict does not record them).
 HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16, 1536: 24}
-
-
-def _ln(prefix: str) -> dict:
-  return {"scale": (f"{prefix}.weight", common.identity), "bias": (f"{prefix}.bias", common.identity)}
-
-
-def _dense(prefix: str) -> dict:
-  return {"kernel": (f"{prefix}.weight", common.linear), "bias": (f"{prefix}.bias", common.identity)}
-
-
-def _nest(path: str, entries: Mapping[str, tuple]) -> dict:
-  return {f"{path}/{k}": v for k, v in entries.items()}
-
-
-def _concat_linear(*weights: np.ndarray) -> np.ndarray:
-  return np.concatenate([common.linear(w) for w in weights], axis=1)
-
-
-def _concat(*arrays: np.ndarray) -> np.ndarray:
-  return np.concatenate(arrays, axis=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,19 +78,19 @@ def official_mapping(model: dinov2.DinoV2) -> dict:
   }
   if model.num_register_tokens:
     m["register_tokens"] = ("register_tokens", common.identity)
-  m.update(_nest("norm", _ln("norm")))
+  m.update(common.nest("norm", common.ln_entries("norm")))
   for i in range(model.depth):
     src, dst = f"blocks.{i}", f"blocks_{i}"
-    m.update(_nest(f"{dst}/norm1", _ln(f"{src}.norm1")))
-    m.update(_nest(f"{dst}/norm2", _ln(f"{src}.norm2")))
-    m.update(_nest(f"{dst}/attn/qkv", _dense(f"{src}.attn.qkv")))
-    m.update(_nest(f"{dst}/attn/proj", _dense(f"{src}.attn.proj")))
+    m.update(common.nest(f"{dst}/norm1", common.ln_entries(f"{src}.norm1")))
+    m.update(common.nest(f"{dst}/norm2", common.ln_entries(f"{src}.norm2")))
+    m.update(common.nest(f"{dst}/attn/qkv", common.dense_entries(f"{src}.attn.qkv")))
+    m.update(common.nest(f"{dst}/attn/proj", common.dense_entries(f"{src}.attn.proj")))
     if model.layerscale:
       m[f"{dst}/ls1/gamma"] = (f"{src}.ls1.gamma", common.identity)
       m[f"{dst}/ls2/gamma"] = (f"{src}.ls2.gamma", common.identity)
     names = ("w12", "w3") if model.ffn == "swiglu" else ("fc1", "fc2")
     for name in names:
-      m.update(_nest(f"{dst}/mlp/{name}", _dense(f"{src}.mlp.{name}")))
+      m.update(common.nest(f"{dst}/mlp/{name}", common.dense_entries(f"{src}.mlp.{name}")))
   return m
 
 
@@ -189,33 +168,33 @@ def hf_mapping(model: dinov2.DinoV2, keys) -> dict:
   }
   if model.num_register_tokens:
     m["register_tokens"] = ("embeddings.register_tokens", common.identity)
-  m.update(_nest("norm", _ln("layernorm")))
+  m.update(common.nest("norm", common.ln_entries("layernorm")))
   for i in range(model.depth):
     src, dst = f"encoder.layer.{i}", f"blocks_{i}"
-    m.update(_nest(f"{dst}/norm1", _ln(f"{src}.norm1")))
-    m.update(_nest(f"{dst}/norm2", _ln(f"{src}.norm2")))
+    m.update(common.nest(f"{dst}/norm1", common.ln_entries(f"{src}.norm1")))
+    m.update(common.nest(f"{dst}/norm2", common.ln_entries(f"{src}.norm2")))
     if f"{src}.attention.attention.query.weight" in keys:
       q, k, v = (f"{src}.attention.attention.{n}" for n in ("query", "key", "value"))
       o = f"{src}.attention.output.dense"
     else:
       q, k, v, o = (f"{src}.attention.{n}" for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
-    m[f"{dst}/attn/qkv/kernel"] = ((f"{q}.weight", f"{k}.weight", f"{v}.weight"), _concat_linear)
-    m[f"{dst}/attn/qkv/bias"] = ((f"{q}.bias", f"{k}.bias", f"{v}.bias"), _concat)
-    m.update(_nest(f"{dst}/attn/proj", _dense(o)))
+    m[f"{dst}/attn/qkv/kernel"] = ((f"{q}.weight", f"{k}.weight", f"{v}.weight"), common.concat_linear)
+    m[f"{dst}/attn/qkv/bias"] = ((f"{q}.bias", f"{k}.bias", f"{v}.bias"), common.concat)
+    m.update(common.nest(f"{dst}/attn/proj", common.dense_entries(o)))
     m[f"{dst}/ls1/gamma"] = (f"{src}.layer_scale1.lambda1", common.identity)
     m[f"{dst}/ls2/gamma"] = (f"{src}.layer_scale2.lambda1", common.identity)
     if model.ffn == "swiglu":
       if f"{src}.mlp.weights_in.weight" in keys:
-        m.update(_nest(f"{dst}/mlp/w12", _dense(f"{src}.mlp.weights_in")))
-        m.update(_nest(f"{dst}/mlp/w3", _dense(f"{src}.mlp.weights_out")))
+        m.update(common.nest(f"{dst}/mlp/w12", common.dense_entries(f"{src}.mlp.weights_in")))
+        m.update(common.nest(f"{dst}/mlp/w3", common.dense_entries(f"{src}.mlp.weights_out")))
       else:
         gate, up = f"{src}.mlp.gate_proj", f"{src}.mlp.up_proj"
-        m[f"{dst}/mlp/w12/kernel"] = ((f"{gate}.weight", f"{up}.weight"), _concat_linear)
-        m[f"{dst}/mlp/w12/bias"] = ((f"{gate}.bias", f"{up}.bias"), _concat)
-        m.update(_nest(f"{dst}/mlp/w3", _dense(f"{src}.mlp.down_proj")))
+        m[f"{dst}/mlp/w12/kernel"] = ((f"{gate}.weight", f"{up}.weight"), common.concat_linear)
+        m[f"{dst}/mlp/w12/bias"] = ((f"{gate}.bias", f"{up}.bias"), common.concat)
+        m.update(common.nest(f"{dst}/mlp/w3", common.dense_entries(f"{src}.mlp.down_proj")))
     else:
-      m.update(_nest(f"{dst}/mlp/fc1", _dense(f"{src}.mlp.fc1")))
-      m.update(_nest(f"{dst}/mlp/fc2", _dense(f"{src}.mlp.fc2")))
+      m.update(common.nest(f"{dst}/mlp/fc1", common.dense_entries(f"{src}.mlp.fc1")))
+      m.update(common.nest(f"{dst}/mlp/fc2", common.dense_entries(f"{src}.mlp.fc2")))
   return m
 
 
@@ -240,23 +219,7 @@ def from_hf_state(state: Mapping[str, np.ndarray], config: Mapping, *, source: s
   return model, params
 
 
-def read_hf_folder(path: str) -> tuple[dict, dict]:
-  """(config dict, tensors) of a `save_pretrained` folder (config.json + *.safetensors)."""
-  cfg_path = os.path.join(path, "config.json")
-  if not os.path.isfile(cfg_path):
-    raise common.WeightLoadError(path, other=["no config.json: not a Hugging Face model folder"])
-  with open(cfg_path) as f:
-    config = json.load(f)
-  files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-  if not files:
-    raise common.WeightLoadError(path, other=["no *.safetensors weights in the folder"])
-  state = {}
-  for name in files:
-    state.update(common.read_state_dict(os.path.join(path, name)))
-  return config, state
-
-
 def load_hf_folder(path: str, **module_kwargs):
   """(DinoV2, params) from a Dinov2Model / Dinov2WithRegistersModel `save_pretrained` folder."""
-  config, state = read_hf_folder(path)
+  config, state = common.read_hf_folder(path)
   return from_hf_state(state, config, source=path, **module_kwargs)

@@ -92,38 +92,18 @@ def siglip_config(config: Mapping) -> dict:
 # Mappings (flat Flax path -> (HF key(s), transform)), keys relative to the tower.
 # ----------------------------------------------------------------------------------------------
 
-def _ln(prefix: str) -> dict:
-  return {"scale": (f"{prefix}.weight", common.identity), "bias": (f"{prefix}.bias", common.identity)}
-
-
-def _dense(prefix: str) -> dict:
-  return {"kernel": (f"{prefix}.weight", common.linear), "bias": (f"{prefix}.bias", common.identity)}
-
-
-def _nest(path: str, entries: Mapping[str, tuple]) -> dict:
-  return {f"{path}/{k}": v for k, v in entries.items()}
-
-
-def _concat_linear(*weights: np.ndarray) -> np.ndarray:
-  return np.concatenate([common.linear(w) for w in weights], axis=1)
-
-
-def _concat(*arrays: np.ndarray) -> np.ndarray:
-  return np.concatenate(arrays, axis=0)
-
-
 def _encoder_mapping(depth: int) -> dict:
   m = {}
   for i in range(depth):
     src, dst = f"encoder.layers.{i}", f"blocks_{i}"
     q, k, v = (f"{src}.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj"))
-    m.update(_nest(f"{dst}/norm1", _ln(f"{src}.layer_norm1")))
-    m.update(_nest(f"{dst}/norm2", _ln(f"{src}.layer_norm2")))
-    m[f"{dst}/attn/qkv/kernel"] = ((f"{q}.weight", f"{k}.weight", f"{v}.weight"), _concat_linear)
-    m[f"{dst}/attn/qkv/bias"] = ((f"{q}.bias", f"{k}.bias", f"{v}.bias"), _concat)
-    m.update(_nest(f"{dst}/attn/proj", _dense(f"{src}.self_attn.out_proj")))
-    m.update(_nest(f"{dst}/mlp/fc1", _dense(f"{src}.mlp.fc1")))
-    m.update(_nest(f"{dst}/mlp/fc2", _dense(f"{src}.mlp.fc2")))
+    m.update(common.nest(f"{dst}/norm1", common.ln_entries(f"{src}.layer_norm1")))
+    m.update(common.nest(f"{dst}/norm2", common.ln_entries(f"{src}.layer_norm2")))
+    m[f"{dst}/attn/qkv/kernel"] = ((f"{q}.weight", f"{k}.weight", f"{v}.weight"), common.concat_linear)
+    m[f"{dst}/attn/qkv/bias"] = ((f"{q}.bias", f"{k}.bias", f"{v}.bias"), common.concat)
+    m.update(common.nest(f"{dst}/attn/proj", common.dense_entries(f"{src}.self_attn.out_proj")))
+    m.update(common.nest(f"{dst}/mlp/fc1", common.dense_entries(f"{src}.mlp.fc1")))
+    m.update(common.nest(f"{dst}/mlp/fc2", common.dense_entries(f"{src}.mlp.fc2")))
   return m
 
 
@@ -134,9 +114,9 @@ def clip_mapping(model: clip.CLIPVision) -> dict:
       "class_embedding": ("embeddings.class_embedding", common.identity),
       "position_embedding": ("embeddings.position_embedding.weight", common.identity),
   }
-  m.update(_nest("pre_norm", _ln("pre_layrnorm")))
+  m.update(common.nest("pre_norm", common.ln_entries("pre_layrnorm")))
   m.update(_encoder_mapping(model.depth))
-  m.update(_nest("post_norm", _ln("post_layernorm")))
+  m.update(common.nest("post_norm", common.ln_entries("post_layernorm")))
   return m
 
 
@@ -159,17 +139,17 @@ def siglip_mapping(model: siglip.SiglipVision) -> dict:
       "position_embedding": ("embeddings.position_embedding.weight", common.identity),
   }
   m.update(_encoder_mapping(model.depth))
-  m.update(_nest("post_norm", _ln("post_layernorm")))
+  m.update(common.nest("post_norm", common.ln_entries("post_layernorm")))
   if model.use_head:
     m["head/probe"] = ("head.probe", common.identity)
     m["head/q/kernel"] = ("head.attention.in_proj_weight", _in_proj_rows(0, 1))
     m["head/q/bias"] = ("head.attention.in_proj_bias", _in_proj_rows(0, 1))
     m["head/kv/kernel"] = ("head.attention.in_proj_weight", _in_proj_rows(1, None))
     m["head/kv/bias"] = ("head.attention.in_proj_bias", _in_proj_rows(1, None))
-    m.update(_nest("head/proj", _dense("head.attention.out_proj")))
-    m.update(_nest("head/norm", _ln("head.layernorm")))
-    m.update(_nest("head/mlp/fc1", _dense("head.mlp.fc1")))
-    m.update(_nest("head/mlp/fc2", _dense("head.mlp.fc2")))
+    m.update(common.nest("head/proj", common.dense_entries("head.attention.out_proj")))
+    m.update(common.nest("head/norm", common.ln_entries("head.layernorm")))
+    m.update(common.nest("head/mlp/fc1", common.dense_entries("head.mlp.fc1")))
+    m.update(common.nest("head/mlp/fc2", common.dense_entries("head.mlp.fc2")))
   return m
 
 
@@ -233,28 +213,16 @@ def read_config(path: str) -> dict:
     return json.load(f)
 
 
-def read_weights(path: str) -> dict[str, np.ndarray]:
-  """All tensors of a folder: every *.safetensors (shards included), else pytorch_model.bin."""
-  files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-  if not files and os.path.isfile(os.path.join(path, "pytorch_model.bin")):
-    files = ["pytorch_model.bin"]
-  if not files:
-    raise common.WeightLoadError(path, other=["no *.safetensors or pytorch_model.bin weights"])
-  state = {}
-  for name in files:
-    state.update(common.read_state_dict(os.path.join(path, name)))
-  return state
-
-
 def load_clip_folder(path: str, **module_kwargs):
   """(CLIPVision, params) from a CLIPVisionModel(WithProjection) / CLIPModel folder."""
-  return clip_from_hf_state(read_weights(path), read_config(path), source=path, **module_kwargs)
+  config, state = common.read_hf_folder(path)
+  return clip_from_hf_state(state, config, source=path, **module_kwargs)
 
 
 def load_siglip_folder(path: str, **module_kwargs):
   """(SiglipVision, params) from a SiglipVisionModel / SiglipModel folder."""
-  return siglip_from_hf_state(read_weights(path), read_config(path), source=path,
-                              **module_kwargs)
+  config, state = common.read_hf_folder(path)
+  return siglip_from_hf_state(state, config, source=path, **module_kwargs)
 
 
 def hf_model_type(path: str) -> str | None:

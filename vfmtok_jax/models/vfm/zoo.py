@@ -78,7 +78,7 @@ def _module_class(kind: str):
     return dinov2.DinoV2
   if kind == "clip":
     from vfmtok_jax.models.vfm import clip  # pylint: disable=g-import-not-at-top
-    return clip.ClipVision
+    return clip.CLIPVision
   if kind == "siglip":
     from vfmtok_jax.models.vfm import siglip  # pylint: disable=g-import-not-at-top
     return siglip.SiglipVision
@@ -92,13 +92,23 @@ def _dinov2_vfm(module, params, source) -> VFM:
 
 def _load_hf_folder(path: str) -> VFM:
   from vfmtok_jax.convert import dinov2 as convert_dinov2  # pylint: disable=g-import-not-at-top
-  config, state = convert_dinov2.read_hf_folder(path)
+  from vfmtok_jax.convert import hf_vision  # pylint: disable=g-import-not-at-top
+  config, state = common.read_hf_folder(path)
   model_type = config.get("model_type", "")
   if model_type in convert_dinov2.HF_MODEL_TYPES:
     module, params = convert_dinov2.from_hf_state(state, config, source=path)
     return _dinov2_vfm(module, params, path)
-  from vfmtok_jax.convert import hf_vision  # pylint: disable=g-import-not-at-top
-  return hf_vision.load_vfm_from_hf_folder(path)
+  if model_type in hf_vision.CLIP_TYPES:
+    module, params = hf_vision.clip_from_hf_state(state, config, source=path)
+    return VFM("clip", module, params, preprocess.CLIP_MEAN, preprocess.CLIP_STD,
+               module.image_size, path)
+  if model_type in hf_vision.SIGLIP_TYPES:
+    module, params = hf_vision.siglip_from_hf_state(state, config, source=path)
+    return VFM("siglip", module, params, preprocess.SIGLIP_MEAN, preprocess.SIGLIP_STD,
+               module.image_size, path)
+  raise common.WeightLoadError(path, other=[
+      f"config.json model_type {model_type!r} is not a supported VFM (dinov2, "
+      f"dinov2_with_registers, {', '.join(hf_vision.CLIP_TYPES + hf_vision.SIGLIP_TYPES)})"])
 
 
 def save_vfm(vfm: VFM, path: str) -> None:
