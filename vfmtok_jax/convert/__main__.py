@@ -50,17 +50,9 @@ def convert_vfm(src: str, dst: str, num_heads: int = 0) -> None:
 
 
 def read_tokenizer_state(src: str, entry: str = "") -> dict:
-  """Flat tensors of an official tokenizer checkpoint (EMA weights by default)."""
+  """Flat tensors of an official tokenizer checkpoint (the EMA weights when it has them)."""
   from vfmtok_jax.convert import common  # pylint: disable=g-import-not-at-top
-  if src.endswith((".pt", ".pth", ".bin", ".ckpt")) and not entry:
-    import torch  # pylint: disable=g-import-not-at-top
-    try:
-      obj = torch.load(src, map_location="cpu", weights_only=True)
-    except Exception as e:
-      raise common.WeightLoadError(src, other=[f"torch.load(weights_only=True) failed: {e}"]) from e
-    if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
-      entry = "ema" if "ema" in obj else "model"
-  return common.read_state_dict(src, subkey=entry or None)
+  return common.read_state_dict(src, subkey=entry or None, prefer=("ema", "model"))
 
 
 def convert_tokenizer(src: str, dst: str, config, entry: str = "") -> None:

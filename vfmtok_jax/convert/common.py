@@ -55,13 +55,16 @@ def _torch_to_numpy(value) -> np.ndarray:
   return value.detach().cpu().numpy()
 
 
-def read_state_dict(path: str, *, subkey: str | None = None) -> dict[str, np.ndarray]:
+def read_state_dict(path: str, *, subkey: str | None = None,
+                    prefer: tuple[str, ...] = ("model",)) -> dict[str, np.ndarray]:
   """Reads a flat {name: array} dict from .safetensors, .pt/.pth/.bin or .npz.
 
   Args:
     path: the file.
     subkey: for torch checkpoints that wrap the state dict (e.g. {'model': ..., 'ema': ...}),
-      which entry to take. None takes the dict itself when it holds tensors, else 'model'.
+      which entry to take. None takes the dict itself when all its values are tensors, else
+      the first entry of `prefer` that it has.
+    prefer: wrapper entries to try, in order, when `subkey` is None.
 
   Raises:
     WeightLoadError: unknown format, unreadable file, or non-tensor content.
@@ -92,8 +95,8 @@ def read_state_dict(path: str, *, subkey: str | None = None) -> dict[str, np.nda
                             ) from e
     if not isinstance(obj, Mapping):
       raise WeightLoadError(path, other=[f"expected a dict of tensors, got {type(obj).__name__}"])
-    if subkey is None and not any(isinstance(v, torch.Tensor) for v in obj.values()):
-      subkey = "model"
+    if subkey is None and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+      subkey = next((k for k in prefer if k in obj), prefer[0])
     if subkey is not None:
       if subkey not in obj:
         raise WeightLoadError(path, other=[

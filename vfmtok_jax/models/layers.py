@@ -125,3 +125,50 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     return ACTIVATIONS[name]
   except KeyError:
     raise ValueError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}") from None
+
+
+# PyTorch's default Linear/Conv init: kaiming_uniform(a=sqrt(5)) == U(+-1/sqrt(fan_in)).
+torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+xavier_uniform = nn.initializers.xavier_uniform()
+
+
+def torch_default_bias_init(fan_in: int) -> Initializer:
+  """U(+-1/sqrt(fan_in)), PyTorch's default bias init."""
+  bound = fan_in ** -0.5
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+def causal_mask(length: int) -> jax.Array:
+  """(1, 1, L, L) boolean keep-mask: query i sees keys j <= i."""
+  return jnp.tril(jnp.ones((length, length), bool))[None, None]
+
+
+class MultiHeadAttention(nn.Module):
+  """Self-attention with separate `q_proj`/`k_proj`/`v_proj`/`out_proj` (all with bias).
+
+  The VFMTok reference (`Attention3`) is always causal; `causal` is kept explicit here.
+  """
+  num_heads: int
+  causal: bool = True
+  dropout_rate: float = 0.0
+  kernel_init: Initializer = xavier_uniform
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    b, n, d = x.shape
+    h = self.num_heads
+
+    def proj(name, axes):
+      return Dense(d, kernel_axes=axes, kernel_init=self.kernel_init, dtype=self.dtype, name=name)
+    q = proj("q_proj", ("embed", "heads_merged"))(x).reshape(b, n, h, d // h)
+    k = proj("k_proj", ("embed", "heads_merged"))(x).reshape(b, n, h, d // h)
+    v = proj("v_proj", ("embed", "heads_merged"))(x).reshape(b, n, h, d // h)
+    rate = 0.0 if deterministic else self.dropout_rate
+    out = dot_product_attention(q, k, v, mask=causal_mask(n) if self.causal else None,
+                                dtype=self.dtype, dropout_rate=rate,
+                                dropout_rng=self.make_rng("dropout") if rate > 0 else None)
+    return proj("out_proj", ("heads_merged", "embed"))(out.reshape(b, n, d))
