@@ -1,0 +1,1 @@
+"""Data: offline demo photos (and, later, datasets)."""
