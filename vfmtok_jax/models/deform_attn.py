@@ -15,10 +15,11 @@ intermediate (K = L * P * 4). Two lowerings of the reduction are kept:
 
 * `"packed"`: one batched row-gather for all levels, points and corners, then a weighted sum;
   the backward is one gather and one scatter-add. Few, large gathers: what TPUs/GPUs want.
-* `"unrolled"`: K fused gather-multiply-adds (forward), D fused scalar gathers for the gradient
-  of the tap weights, and the value gradient as a scatter-add looped over taps. XLA:CPU fuses
-  each group into one loop that never materialises the (..., K, D) intermediate (page faults on
-  fresh buffers dominate on CPU), several times faster there than the packed form.
+* `"unrolled"`: one gather-multiply-add per tap (forward, fused 8 taps per loop step), one
+  scalar gather per channel for the gradient of the tap weights, and the value gradient as a
+  scatter-add looped over taps. XLA:CPU fuses these into loops that never materialise the
+  (..., K, D) intermediate (fresh large buffers cost page faults that dominate on CPU); several
+  times faster there than the packed form, and faster than PyTorch's grid_sample.
 
 `impl="auto"` picks `"unrolled"` on CPU and `"packed"` elsewhere at lowering time
 (`jax.lax.platform_dependent`). All gathers and scatters are batched over N (vmap batching
@@ -43,6 +44,8 @@ SpatialShapes = Sequence[Sequence[int]]
 
 # Corner order of the 4 bilinear taps of a sample: (x0, y0), (x0+1, y0), (x0, y0+1), (x0+1, y0+1).
 _CORNERS = ((0, 0), (1, 0), (0, 1), (1, 1))
+# Taps fused per step of the unrolled forward loop.
+_TAPS_PER_STEP = 8
 
 
 def _static_shapes(spatial_shapes: SpatialShapes) -> tuple[tuple[int, int], ...]:
@@ -111,7 +114,7 @@ def bilinear_taps(spatial_shapes: SpatialShapes, sampling_locations: jax.Array,
   if nl != len(shapes) or two != 2 or attention_weights.shape != (n, lq, m, nl, npt):
     raise ValueError(f"sampling_locations {sampling_locations.shape} / attention_weights "
                      f"{attention_weights.shape} do not match {len(shapes)} levels")
-  if n * sum(h * w for h, w in shapes) * m >= 2 ** 31:
+  if sum(h * w for h, w in shapes) * m >= 2 ** 31:
     raise ValueError("value table too large for int32 row indices")
   ct = jnp.result_type(sampling_locations.dtype, attention_weights.dtype, jnp.float32)
   hs = np.repeat([h for h, _ in shapes], npt)  # per (level, point) sample
@@ -136,18 +139,18 @@ def bilinear_taps(spatial_shapes: SpatialShapes, sampling_locations: jax.Array,
 
 def _gather_rows(table: jax.Array, rows: jax.Array) -> jax.Array:
   """table (N, R, D), rows (N, ...) -> (N, ..., D)."""
-  return jax.vmap(lambda t, r: t.at[r].get(mode="promise_in_bounds"))(table, rows)
+  return jax.vmap(lambda t, r: t.at[r].get(mode="clip"))(table, rows)
 
 
 def _gather_col(table: jax.Array, rows: jax.Array, col: int) -> jax.Array:
   """table (N, R, D), rows (K, N, ...) -> table[n, rows, col] (K, N, ...)."""
-  return jax.vmap(lambda t, r: t.at[r, col].get(mode="promise_in_bounds"), in_axes=(0, 1),
+  return jax.vmap(lambda t, r: t.at[r, col].get(mode="clip"), in_axes=(0, 1),
                   out_axes=1)(table, rows)
 
 
 def _scatter_rows(acc: jax.Array, rows: jax.Array, upd: jax.Array) -> jax.Array:
   """acc (N, R, D) += upd (N, ..., D) at rows (N, ...)."""
-  return jax.vmap(lambda a, r, u: a.at[r].add(u, mode="promise_in_bounds"))(acc, rows, upd)
+  return jax.vmap(lambda a, r, u: a.at[r].add(u, mode="clip"))(acc, rows, upd)
 
 
 def _fwd_packed(table, rows, w):
@@ -159,27 +162,40 @@ def _bwd_packed(table, rows, w, g):
   vals = jax.vmap(_gather_rows, in_axes=(None, 0))(table, rows).astype(w.dtype)
   dw = jnp.einsum("knqmd,nqmd->knqm", vals, g)
   upd = w[..., None] * g[None]
-  k = rows.shape[0]
-  merge = lambda x: jnp.moveaxis(x, 0, 1).reshape(x.shape[1], k * x.shape[2], *x.shape[3:])
-  dtable = _scatter_rows(jnp.zeros(table.shape, w.dtype), merge(rows), merge(upd))
+
+  def merge_taps(x):  # (K, N, Lq, ...) -> (N, K * Lq, ...)
+    return jnp.moveaxis(x, 0, 1).reshape(x.shape[1], x.shape[0] * x.shape[2], *x.shape[3:])
+
+  dtable = _scatter_rows(jnp.zeros(table.shape, w.dtype), merge_taps(rows), merge_taps(upd))
   return dtable, dw
 
 
-def _fwd_unrolled(table, rows, w):
-  def run(table, rows, w):
-    acc = None
-    for j in range(rows.shape[0]):  # one fused gather-multiply-add per tap
-      term = w[j][..., None] * _gather_rows(table, rows[j]).astype(w.dtype)
-      acc = term if acc is None else acc + term
-    return acc
+def _weighted_gathers(table, rows, w):
+  """sum_j w[j] * table[rows[j]] as one fused loop of gather-multiply-adds -> (N, Lq, M, D)."""
+  acc = None
+  for j in range(rows.shape[0]):
+    term = w[j][..., None] * _gather_rows(table, rows[j]).astype(w.dtype)
+    acc = term if acc is None else acc + term
+  return acc
 
-  if rows.size == 0:
-    return run(table, rows, w)
-  # A cond on an always-true runtime predicate acts as a fusion barrier (XLA:CPU drops
-  # optimization_barrier): fusing a consumer such as the (..., M * D) reshape into the gather
-  # loop costs its vectorisation along D (2-3x slower).
-  zeros = lambda table, rows, w: jnp.zeros((*rows.shape[1:], table.shape[-1]), w.dtype)
-  return jax.lax.cond(rows[0, 0, 0, 0] >= 0, run, zeros, table, rows, w)
+
+def _fwd_unrolled(table, rows, w):
+  # A loop over groups of _TAPS_PER_STEP taps, accumulating in place. Fusing ~8 gathers per
+  # step measured ~2x faster than all K in one fusion, and the loop boundary keeps consumers
+  # (e.g. the (..., M * D) reshape, which would break vectorisation along D) out of the fusion.
+  k = rows.shape[0]
+  per_step = math.gcd(k, _TAPS_PER_STEP)
+  if per_step == k:
+    return _weighted_gathers(table, rows, w)
+
+  def body(acc, xs):
+    return acc + _weighted_gathers(table, *xs), None
+
+  def group(x):  # (K, ...) -> (K / per_step, per_step, ...)
+    return x.reshape(k // per_step, per_step, *x.shape[1:])
+
+  init = jnp.zeros((*rows.shape[1:], table.shape[-1]), w.dtype)
+  return jax.lax.scan(body, init, (group(rows), group(w)))[0]
 
 
 def _bwd_unrolled(table, rows, w, g):
