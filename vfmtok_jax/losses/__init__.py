@@ -1,0 +1,1 @@
+"""Training losses (float32): tokenizer terms, LPIPS, GAN objectives."""
