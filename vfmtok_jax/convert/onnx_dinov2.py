@@ -191,7 +191,8 @@ def _in_scope(node, prefix: str) -> bool:
   return module.startswith(_BACKBONE_ROOTS)
 
 
-def _linear_weights(g: _Graph, prefix: str, problems: list[str]) -> dict[str, tuple[str, np.ndarray]]:
+def _linear_weights(g: _Graph, prefix: str,
+                    problems: list[str]) -> dict[str, tuple[str, np.ndarray]]:
   """HF key '<module>.weight' (prefix stripped) -> (initializer name, (out, in) weight)."""
   found = {}
   for node in g.graph.node:
@@ -226,7 +227,7 @@ def _linear_weights(g: _Graph, prefix: str, problems: list[str]) -> dict[str, tu
                       f"bias Add says {module!r}")
       continue
     if module is None:
-      if _in_scope(node, prefix) or not prefix:
+      if _in_scope(node, prefix):
         problems.append(f"MatMul {node.name!r} ({w_name}): cannot tell which module it is "
                         "(no scoped node name, no named bias Add)")
       continue
@@ -279,8 +280,8 @@ def _position_table(g: _Graph, prefix: str, patch_init: str, dim: int, named: di
     problems.append("cannot find the Add of the position embedding after the patch Conv")
     return None, [], None
   consts, nodes = g.upstream_consts(pos_input)
-  pieces = [c for c in consts
-            if g.const(c).dtype.kind == "f" and g.const(c).ndim == 3 and g.const(c).shape[-1] == dim]
+  pieces = [c for c in consts if g.const(c).dtype.kind == "f" and g.const(c).ndim == 3
+            and g.const(c).shape[-1] == dim]
   # Upstream order is a DFS from the Add; concatenation order is the Concat's input order.
   concat = next((n for n in nodes if n.op_type == "Concat"), None)
   if concat is not None and len(pieces) > 1:
@@ -306,14 +307,15 @@ def _position_table(g: _Graph, prefix: str, patch_init: str, dim: int, named: di
       a = _attrs(node)
       mode, coeff = a.get("mode", "nearest"), a.get("cubic_coeff_a", -0.75)
       ctm = a.get("coordinate_transformation_mode", "half_pixel")
-      if mode != "cubic" or abs(coeff + 0.75) > 1e-6 or ctm not in ("half_pixel", "pytorch_half_pixel"):
+      if (mode != "cubic" or abs(coeff + 0.75) > 1e-6
+          or ctm not in ("half_pixel", "pytorch_half_pixel")):
         problems.append(f"position-embedding Resize {node.name!r} is mode={mode} "
                         f"a={coeff} {ctm}; only bicubic (a=-0.75, half_pixel) is supported")
       antialias = bool(a.get("antialias", 0))
   return table, pieces, antialias
 
 
-def _num_heads(g: _Graph, prefix: str, dim: int, recovered: dict) -> int | None:
+def _num_heads(g: _Graph, dim: int, recovered: dict) -> int | None:
   """Heads from the Reshape [B, N, heads, head_dim] after layer 0's q/k/v projection."""
   for key, (w_name, _) in recovered.items():
     if not re.match(r"encoder\.layer\.0\.attention\.(attention\.(query|key|value)|[qkv]_proj)\.",
@@ -332,7 +334,6 @@ def _num_heads(g: _Graph, prefix: str, dim: int, recovered: dict) -> int | None:
               continue
             if shape[-2] == -1 or (shape[-2] and shape[-2] * shape[-1] == dim):
               return dim // shape[-1]  # [B, N, heads, head_dim] or [B, N, -1, head_dim]
-  del prefix
   return None
 
 
@@ -416,7 +417,8 @@ def read_onnx_backbone(path: str, *, num_heads: int | None = None) -> OnnxBackbo
 
   depth = len({int(m.group(1)) for k in state if (m := re.match(r"encoder\.layer\.(\d+)\.", k))})
   patch = int(named[patch_init].shape[-1])
-  heads = num_heads or _num_heads(g, prefix, dim, recovered) or convert_dinov2.HEADS_BY_WIDTH.get(dim)
+  heads = (num_heads or _num_heads(g, dim, recovered)
+           or convert_dinov2.HEADS_BY_WIDTH.get(dim))
   if heads is None:
     raise common.WeightLoadError(path, other=[
         f"cannot infer the number of attention heads for width {dim}; pass num_heads"])

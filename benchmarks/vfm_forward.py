@@ -1,0 +1,118 @@
+"""Our jitted DinoV2 forward vs transformers' PyTorch `Dinov2Model`, same weights and input.
+
+  python benchmarks/vfm_forward.py [--variant S|B] [--batch 8] [--size 224] [--threads N]
+      [--warmup 2] [--runs 7] [--attn sdpa|eager]
+
+A randomly initialised HF Dinov2Model of the published shape is saved with `save_pretrained`
+and loaded with `convert_dinov2.load_hf_folder`. Both frameworks get the same cores: the
+process is pinned to `--threads` cores (sched_setaffinity, before jax/torch start their pools;
+XLA's CPU pool follows the affinity) and torch.set_num_threads(--threads). Reports the median
+wall time of `--runs` calls after `--warmup` calls (jax and torch calls alternate, so background
+load affects both alike), and the max abs difference of the outputs.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+
+VARIANTS = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16)}
+
+_VARIANT = flags.DEFINE_enum("variant", "S", list(VARIANTS), "DINOv2 ViT/14 size.")
+_BATCH = flags.DEFINE_integer("batch", 8, "Batch size.")
+_SIZE = flags.DEFINE_integer("size", 224, "Image side (pixels, multiple of 14).")
+_THREADS = flags.DEFINE_integer("threads", None, "Cores for both frameworks (default: all "
+                                "cores this process may use).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls first (the first one compiles).")
+_RUNS = flags.DEFINE_integer("runs", 7, "Timed calls; the median is reported.")
+_ATTN = flags.DEFINE_enum("attn", "sdpa", ["sdpa", "eager"], "transformers attention kernel.")
+
+
+def _time_interleaved(fns, warmup: int, runs: int) -> list[list[float]]:
+  """Milliseconds per call for each fn; calls alternate so background load hits both alike."""
+  for _ in range(warmup):
+    for fn in fns:
+      fn()
+  times = [[] for _ in fns]
+  for _ in range(runs):
+    for fn, out in zip(fns, times):
+      start = time.perf_counter()
+      fn()
+      out.append((time.perf_counter() - start) * 1e3)
+  return times
+
+
+def main(argv):
+  del argv
+  cores = sorted(os.sched_getaffinity(0))
+  threads = _THREADS.value or len(cores)
+  if threads > len(cores):
+    raise app.UsageError(f"--threads {threads} > the {len(cores)} cores available")
+  os.sched_setaffinity(0, cores[:threads])
+
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from vfmtok_jax.convert import dinov2 as convert_dinov2  # pylint: disable=g-import-not-at-top
+
+  torch.set_num_threads(threads)
+  dim, depth, heads = VARIANTS[_VARIANT.value]
+  torch.manual_seed(0)
+  config = transformers.Dinov2Config(hidden_size=dim, num_hidden_layers=depth,
+                                     num_attention_heads=heads, image_size=518, patch_size=14,
+                                     attn_implementation=_ATTN.value)
+  hf = transformers.Dinov2Model(config).eval()
+  with tempfile.TemporaryDirectory() as tmp:
+    hf.save_pretrained(tmp)
+    model, params = convert_dinov2.load_hf_folder(tmp)
+  params = jax.device_put(params)
+
+  x = np.random.default_rng(0).standard_normal(
+      (_BATCH.value, 3, _SIZE.value, _SIZE.value)).astype(np.float32)
+  x_torch = torch.from_numpy(x)
+  x_jax = jax.device_put(jnp.asarray(x.transpose(0, 2, 3, 1)))
+  forward = jax.jit(lambda p, im: model.apply({"params": p}, im, levels=(depth - 1,))
+                    ["last_hidden_state"])
+
+  def run_jax():
+    return forward(params, x_jax).block_until_ready()
+
+  def run_torch():
+    with torch.inference_mode():
+      return hf(pixel_values=x_torch).last_hidden_state
+
+  start = time.perf_counter()
+  first = run_jax()
+  compile_s = time.perf_counter() - start  # trace + compile + one run
+  diff = float(np.abs(np.asarray(first) - run_torch().numpy()).max())
+  load_before = os.getloadavg()[0]
+  t_jax, t_torch = _time_interleaved([run_jax, run_torch], _WARMUP.value, _RUNS.value)
+  load_after = os.getloadavg()[0]
+  m_jax, m_torch = statistics.median(t_jax), statistics.median(t_torch)
+
+  print(f"DINOv2 ViT-{_VARIANT.value}/14 (width {dim}, depth {depth}, heads {heads}), batch "
+        f"{_BATCH.value}, {_SIZE.value} px ({(_SIZE.value // 14) ** 2} patches), float32")
+  print(f"threads: torch.get_num_threads()={torch.get_num_threads()}; XLA CPU pool follows the "
+        f"process affinity = {len(os.sched_getaffinity(0))} cores; "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; jax devices {jax.devices()}")
+  print(f"versions: jax {jax.__version__}, torch {torch.__version__}, transformers "
+        f"{transformers.__version__} (attn_implementation={_ATTN.value})")
+  print(f"max |jax - torch| on last_hidden_state: {diff:.2e}; 1-min load average "
+        f"{load_before:.2f} before, {load_after:.2f} after the timed runs (interleaved)")
+  print(f"jax   (jit; first call {compile_s:.1f} s): median {m_jax:8.1f} ms  "
+        f"[{', '.join(f'{t:.0f}' for t in t_jax)}]")
+  print(f"torch (eager, inference_mode):     median {m_torch:8.1f} ms  "
+        f"[{', '.join(f'{t:.0f}' for t in t_torch)}]")
+  print(f"ratio torch / jax: {m_torch / m_jax:.2f}x  ({'jax' if m_jax < m_torch else 'torch'} "
+        "faster)")
+
+
+if __name__ == "__main__":
+  app.run(main)
