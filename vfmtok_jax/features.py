@@ -31,7 +31,8 @@ from absl import app
 from absl import flags
 import numpy as np
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+from vfmtok_jax.data import images as image_io
+
 DTYPES = ("float32", "bfloat16")
 
 
@@ -39,57 +40,10 @@ DTYPES = ("float32", "bfloat16")
 # Images.
 # ----------------------------------------------------------------------------------------------
 
-def list_images(paths: Sequence[str]) -> list[str]:
-  """Expands folders (their image files, sorted, not recursive); files are kept as given.
-
-  Raises:
-    FileNotFoundError: a path does not exist.
-    ValueError: a folder holds no image files, or nothing was given.
-  """
-  out = []
-  for path in paths:
-    if os.path.isdir(path):
-      found = sorted(os.path.join(path, f) for f in os.listdir(path)
-                     if f.lower().endswith(IMAGE_EXTS) and os.path.isfile(os.path.join(path, f)))
-      if not found:
-        raise ValueError(f"folder {path} has no image files (extensions {', '.join(IMAGE_EXTS)})")
-      out.extend(found)
-    elif os.path.isfile(path):
-      out.append(path)
-    else:
-      raise FileNotFoundError(f"image path {path} does not exist")
-  if not out:
-    raise ValueError("no images given")
-  return out
-
-
-def read_image(path: str) -> np.ndarray:
-  """uint8 (H, W, 3) RGB, EXIF orientation applied. ValueError naming the file if unreadable."""
-  from PIL import Image, ImageOps  # pylint: disable=g-import-not-at-top
-  try:
-    with Image.open(path) as im:
-      im = ImageOps.exif_transpose(im)
-      return np.asarray(im.convert("RGB"), dtype=np.uint8)
-  except Exception as e:  # PIL raises UnidentifiedImageError, OSError (truncated), ...
-    raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
-
-
-def center_crop_resize(rgb: np.ndarray, size: int) -> np.ndarray:
-  """uint8 (H, W, 3) -> uint8 (size, size, 3): bicubic short-side resize, then center crop."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  im = Image.fromarray(rgb)
-  w, h = im.size
-  scale = size / min(w, h)
-  nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-  if (nw, nh) != (w, h):
-    im = im.resize((nw, nh), Image.BICUBIC)
-  left, top = (nw - size) // 2, (nh - size) // 2
-  return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
-
-
-def to_signed(rgb: np.ndarray) -> np.ndarray:
-  """uint8 pixels -> float32 in [-1, 1]."""
-  return rgb.astype(np.float32) / 127.5 - 1.0
+list_images = image_io.list_images
+read_image = image_io.read_image
+to_signed = image_io.to_signed
+center_crop_resize = image_io.center_crop_arr  # the reference's eval crop
 
 
 # ----------------------------------------------------------------------------------------------
