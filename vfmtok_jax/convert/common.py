@@ -21,6 +21,15 @@ import numpy as np
 
 Transform = Callable[[np.ndarray], np.ndarray]
 
+# Where locally provided auxiliary weights (LPIPS VGG16, the discriminator's DINO) are looked up.
+WEIGHTS_ENV = "VFMTOK_JAX_WEIGHTS"
+
+
+def weights_dir() -> str:
+  """Folder of locally provided weights: $VFMTOK_JAX_WEIGHTS, else ~/.cache/vfmtok_jax."""
+  return os.environ.get(WEIGHTS_ENV) or os.path.join(os.path.expanduser("~"), ".cache",
+                                                     "vfmtok_jax")
+
 
 class WeightLoadError(ValueError):
   """Weights that do not fit the model: lists every problem at once."""

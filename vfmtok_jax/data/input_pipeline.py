@@ -85,6 +85,10 @@ def default_input_config(dataset: str = "demo", image_size: int = 336,
     skip_corrupt: skip (and count) unreadable images instead of stopping.
     num_workers: threads that decode and crop (1 = in the calling thread).
     demo_eval_crops / demo_eval_seed: the demo's held-out crops per photo and their seed.
+    data_shards: how many shards the training stream is cut into (0 = one per process). With a
+      fixed count the global batches do not depend on how many processes read them (each
+      process reads data_shards / process_count shards), so a run can resume on another host
+      count with the same data order.
 
   Args:
     dataset: the `dataset` field.
@@ -96,7 +100,7 @@ def default_input_config(dataset: str = "demo", image_size: int = 336,
       eval_split="val" if dataset.startswith("folder:") else "validation",
       data_dir=config_dict.placeholder(str), manual_dir=config_dict.placeholder(str),
       image_size=image_size, min_crop_frac=0.8, max_crop_frac=1.0, flip=True,
-      shuffle_buffer=50_000, skip_corrupt=False, num_workers=4,
+      shuffle_buffer=50_000, skip_corrupt=False, num_workers=4, data_shards=0,
       demo_eval_crops=2, demo_eval_seed=0))
   for k, v in overrides.items():
     if k not in cfg:
@@ -546,12 +550,51 @@ def make_train_iterator(cfg, *, global_batch_size: int, seed: int, start_step: i
   """
   cfg = _input_cfg(cfg)
   pi, pc = _process(process_index, process_count)
-  local = _local_batch(global_batch_size, pc)
-  source = _open_source(cfg, train=True, pi=pi, pc=pc)
-  if source.num_local == 0:
-    raise ValueError(f"process {pi} of {pc} gets no examples of {cfg.dataset} {cfg.split}")
-  return TrainIterator(source, cfg, local_batch_size=local, seed=seed, start_step=start_step,
-                       sharding=sharding)
+  shards = int(cfg.get("data_shards", 0)) or pc
+  if shards % pc:
+    raise ValueError(f"input.data_shards={shards} is not a multiple of the {pc} processes")
+  local = _local_batch(global_batch_size, shards)
+  iterators = []
+  for shard in range(pi * (shards // pc), (pi + 1) * (shards // pc)):
+    source = _open_source(cfg, train=True, pi=shard, pc=shards)
+    if source.num_local == 0:
+      raise ValueError(f"data shard {shard} of {shards} gets no examples of {cfg.dataset} "
+                       f"{cfg.split}")
+    iterators.append(TrainIterator(source, cfg, local_batch_size=local, seed=seed,
+                                   start_step=start_step,
+                                   sharding=sharding if len(iterators) == 0 and shards == pc
+                                   else None))
+  if len(iterators) == 1 and shards == pc:
+    return iterators[0]
+  return _ConcatIterator(iterators, sharding)
+
+
+class _ConcatIterator:
+  """Several shard iterators of one process, concatenated along the batch (shard order)."""
+
+  def __init__(self, iterators, sharding):
+    self._iterators, self._sharding = iterators, sharding
+    self.local_batch_size = sum(it.local_batch_size for it in iterators)
+
+  @property
+  def step(self) -> int:
+    return self._iterators[0].step
+
+  @property
+  def num_skipped(self) -> int:
+    return sum(it.num_skipped for it in self._iterators)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    parts = [next(it) for it in self._iterators]
+    batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return to_global(batch, self._sharding)
+
+  def close(self):
+    for it in self._iterators:
+      it.close()
 
 
 class EvalBatches:

@@ -35,7 +35,7 @@ SCALE = (0.458, 0.448, 0.450)
 # torchvision `vgg16().features` conv indices per LPIPS tap (a 2x2 max-pool precedes taps 1-4).
 VGG16_STAGES = ((0, 2), (5, 7), (10, 12, 14), (17, 19, 21), (24, 26, 28))
 VGG16_WIDTHS = (64, 128, 256, 512, 512)
-WEIGHTS_ENV = "VFMTOK_JAX_WEIGHTS"
+WEIGHTS_ENV = common.WEIGHTS_ENV
 WEIGHTS_FILENAME = "lpips_vgg16.safetensors"
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 LIN_URL = "https://heibox.uni-heidelberg.de/f/607503859c864bc1b30b/?dl=1"  # taming vgg.pth
@@ -55,10 +55,7 @@ Then put the result at {path} (or pass its path to load_lpips; the default folde
 ${env}, else ~/.cache/vfmtok_jax)."""
 
 
-def weights_dir() -> str:
-  """Folder of locally provided weights: $VFMTOK_JAX_WEIGHTS, else ~/.cache/vfmtok_jax."""
-  return os.environ.get(WEIGHTS_ENV) or os.path.join(os.path.expanduser("~"), ".cache",
-                                                     "vfmtok_jax")
+weights_dir = common.weights_dir
 
 
 def default_path() -> str:

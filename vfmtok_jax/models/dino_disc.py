@@ -45,7 +45,7 @@ Dtype = Any
 DINO_URL = ("https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/"
             "dino_deitsmall16_pretrain.pth")
 DINO_FILENAME = "dino_deitsmall16_pretrain.pth"
-WEIGHTS_ENV = "VFMTOK_JAX_WEIGHTS"
+WEIGHTS_ENV = common.WEIGHTS_ENV
 RESIZE_MODES = ("random", "resize", "crop")
 
 
@@ -356,10 +356,7 @@ def disc_logits(model: DinoDisc, backbone: Any, heads: Any, spectral: Any, x: ja
 # Weights.
 # ----------------------------------------------------------------------------------------------
 
-def weights_dir() -> str:
-  """Folder of locally provided weights: $VFMTOK_JAX_WEIGHTS, else ~/.cache/vfmtok_jax."""
-  return os.environ.get(WEIGHTS_ENV) or os.path.join(os.path.expanduser("~"), ".cache",
-                                                     "vfmtok_jax")
+weights_dir = common.weights_dir
 
 
 def default_dino_path() -> str:

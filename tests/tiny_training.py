@@ -1,0 +1,55 @@
+"""A tiny tokenizer training config on the golden DINOv2 (width 48, 4 blocks) for fast tests."""
+
+import os
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from configs import tokenizer as tokenizer_configs
+from vfmtok_jax.convert import common
+from vfmtok_jax.convert import dinov2 as convert_dinov2
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+def golden_vfm_file(directory) -> str:
+  """The golden backbone as an official-layout DINOv2 safetensors (needs num_heads=3)."""
+  path = os.path.join(str(directory), "dinov2_golden.safetensors")
+  if not os.path.exists(path):
+    state = common.strip_prefix(load_file(os.path.join(FIXTURES, "tokenizer.safetensors")),
+                                convert_dinov2.VFMTOK_PREFIX)
+    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, path)
+  return path
+
+
+def tiny_config(directory, *, total_steps=4, **top):
+  """16 px images, VFM at 28 px (2x2 patches), 4 region queries, codebook 64 x 8."""
+  c = tokenizer_configs.get_config("demo")
+  c.vfm.source = golden_vfm_file(directory)
+  c.vfm.num_heads = 3
+  c.vfm.size = 28
+  c.vfm.levels = (0, 1, 2, 3)
+  c.model.update(vfm_width=48, dim=32, encoder_depth=1, num_queries=4, encoder_heads=4,
+                 encoder_points=2, encoder_ffn_dim=64, encoder_self_attn_heads=2,
+                 codebook_size=64, code_dim=8, decoder_depth=1, decoder_heads=2,
+                 decoder_mlp_dim=64, decoder_grid=8, decoder_pos_table=2, semantic_dim=48,
+                 pixel_ch=32, pixel_ch_mult=(1, 2))
+  c.image_size = 16
+  c.input.image_size = 16
+  c.input.num_workers = 1
+  c.input.demo_eval_crops = 1
+  c.batch_size = 8
+  c.eval_batch_size = 8
+  c.total_steps = total_steps
+  c.optim.warmup_steps = 1
+  c.log_every = 1
+  c.eval_every = 0
+  c.ckpt_every = 2
+  c.keep_last = 10
+  for k, v in top.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c
