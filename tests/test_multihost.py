@@ -33,7 +33,8 @@ def _env(devices: int, **extra) -> dict:
 def _flags(vfm, total_steps, max_steps_per_run=0):
   return [f"--config.vfm.source={vfm}", f"--config.total_steps={total_steps}",
           "--config.input.data_shards=2", "--config.ckpt_every=2", "--config.log_every=1",
-          f"--config.max_steps_per_run={max_steps_per_run}", "--config.optim.warmup_steps=0"]
+          f"--config.max_steps_per_run={max_steps_per_run}", "--config.optim.warmup_steps=0",
+          "--config.optim.lr=1e-4"]
 
 
 def _train_two_processes(workdir, flags):
@@ -74,8 +75,9 @@ def test_two_processes_match_one(tmp_path):
         comps.abstract_state)
     assert meta["step"] == 4
     states.append(jax.device_get(state))
-  # Same math; the cross-process reductions may sum in another order (see the presets test).
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=3e-4), *states)
+  # Same math; the cross-process reductions may sum in another order, which moves params with
+  # zero true gradient by at most 2 * lr per step under Adam (8e-4 here; see the presets test).
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3), *states)
   assert float(np.abs(states[0].params["encode_transformer"]["carrier_tokens"]
                       - comps.init_state(jax.random.PRNGKey(0)).params["encode_transformer"]
                       ["carrier_tokens"]).max()) > 0  # it trained
