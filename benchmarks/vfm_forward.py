@@ -4,7 +4,7 @@
       [--warmup 2] [--runs 7] [--attn sdpa|eager]
 
 A randomly initialised HF Dinov2Model of the published shape is saved with `save_pretrained`
-and loaded with `convert_dinov2.load_hf_folder`. Both frameworks get the same cores: the
+and loaded with `vfm_zoo.load_dinov2_hf_folder`. Both frameworks get the same cores: the
 process is pinned to `--threads` cores (sched_setaffinity, before jax/torch start their pools;
 XLA's CPU pool follows the affinity) and torch.set_num_threads(--threads). Reports the median
 wall time of `--runs` calls after `--warmup` calls (jax and torch calls alternate, so background
@@ -20,6 +20,13 @@ import time
 
 from absl import app
 from absl import flags
+# Importing jax starts no thread pool: XLA's CPU client is created at the first device use,
+# after main() has pinned the process.
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vfmtok_jax import vfm_zoo
 
 VARIANTS = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16)}
 
@@ -55,12 +62,8 @@ def main(argv):
     raise app.UsageError(f"--threads {threads} > the {len(cores)} cores available")
   os.sched_setaffinity(0, cores[:threads])
 
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top  # after pinning, like its thread pools
   import transformers  # pylint: disable=g-import-not-at-top
-  from vfmtok_jax.convert import dinov2 as convert_dinov2  # pylint: disable=g-import-not-at-top
 
   torch.set_num_threads(threads)
   dim, depth, heads = VARIANTS[_VARIANT.value]
@@ -71,7 +74,7 @@ def main(argv):
   hf = transformers.Dinov2Model(config).eval()
   with tempfile.TemporaryDirectory() as tmp:
     hf.save_pretrained(tmp)
-    model, params = convert_dinov2.load_hf_folder(tmp)
+    model, params = vfm_zoo.load_dinov2_hf_folder(tmp)
   params = jax.device_put(params)
 
   x = np.random.default_rng(0).standard_normal(

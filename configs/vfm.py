@@ -6,8 +6,7 @@ Variants (`--config configs/vfm.py:NAME,key=value`):
             align_corners=True), levels [5, 11, 17, 23]; point `source` at
             dinov2_vitl14_reg4_pretrain.pth.
 
-Example:
-  python -m vfmtok_jax.features --config configs/vfm.py:demo --config.vfm.size=196
+`dtype` is the VFM's compute dtype ("float32" or "bfloat16"; params stay float32).
 """
 
 import ml_collections
@@ -17,13 +16,11 @@ from configs import common
 
 def vfm_config(variant: str = "demo", source: str = "") -> ml_collections.ConfigDict:
   """The `vfm` block shared by the feature, tokenizer and training configs."""
+  cfg = dict(source=source or "init_models/dinov2/dinov2_vitl14_reg4_pretrain.pth", size=336,
+             resize="kornia_bicubic", levels=(5, 11, 17, 23), dtype="float32", num_heads=0)
   if variant == "demo":
-    cfg = dict(source=source or "default", size=224, resize="kornia_bicubic",
-               levels=(2, 5, 8, 11), dtype="float32", num_heads=0)
-  elif variant == "official":
-    cfg = dict(source=source or "init_models/dinov2/dinov2_vitl14_reg4_pretrain.pth", size=336,
-               resize="kornia_bicubic", levels=(5, 11, 17, 23), dtype="float32", num_heads=0)
-  else:
+    cfg.update(source=source or "default", size=224, levels=(2, 5, 8, 11))
+  elif variant != "official":
     raise common.ConfigArgError(f"unknown VFM variant {variant!r}; expected demo or official")
   return ml_collections.ConfigDict(cfg)
 
@@ -33,5 +30,4 @@ def get_config(arg=None):
   variant = "official" if arg.official else "demo"
   config = ml_collections.ConfigDict()
   config.vfm = vfm_config(variant, arg.source)
-  config.batch_size = 8
   return common.locked(config)

@@ -30,7 +30,7 @@ def test_parse_arg_errors(arg, message):
 
 def test_parsed_arg_is_locked():
   arg = common.parse_arg("", res=256)
-  with pytest.raises(AttributeError):
+  with pytest.raises(AttributeError, match=r'"resolution" does not exist.*config is locked'):
     arg.resolution = 3
 
 
@@ -45,8 +45,8 @@ def _flag_values(argv):
 
 def test_config_file_with_arg_and_override():
   cfg = _flag_values(["--config=configs/vfm.py:official", "--config.vfm.size=448",
-                      "--config.batch_size=2"])
-  assert cfg.vfm.size == 448 and cfg.batch_size == 2
+                      "--config.vfm.num_heads=2"])
+  assert cfg.vfm.size == 448 and cfg.vfm.num_heads == 2
   assert tuple(cfg.vfm.levels) == (5, 11, 17, 23)
   assert _flag_values(["--config=configs/vfm.py"]).vfm.source == "default"
 

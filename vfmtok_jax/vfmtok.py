@@ -4,7 +4,7 @@
   indices = tok.encode(images)                # (B, H, W, 3) in [-1, 1] -> (B, n) int32
   out = tok.encode(images, return_tokens=True)  # + "quant" (B, n, e), "slots" (B, n, dim)
   images = tok.decode_indices(indices)        # -> (B, H', W', 3), about [-1, 1]
-  out = tok.forward(params, vfm_params, images, rng, train=True)  # training forward
+  out = tok.forward(params, vfm_params, images, rng=rng, train=True)  # training forward
 
 The VFM params are a separate argument everywhere (never closed over, never differentiated).
 """
@@ -18,9 +18,9 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
+from vfmtok_jax import vfm_zoo
 from vfmtok_jax.models import tokenizer as tokenizer_lib
 from vfmtok_jax.models.vfm import preprocess
-from vfmtok_jax.models.vfm import zoo
 
 
 def vfm_features(vfm_module, vfm_params, images: jax.Array, *, levels: Sequence[int],
@@ -39,7 +39,7 @@ def vfm_features(vfm_module, vfm_params, images: jax.Array, *, levels: Sequence[
 @dataclasses.dataclass
 class VFMTok:
   """A frozen VFM and a trained tokenizer (see module docstring)."""
-  vfm: zoo.VFM
+  vfm: vfm_zoo.VFM
   model: tokenizer_lib.VFMTokenizer
   params: Any
   vfm_levels: tuple[int, ...]

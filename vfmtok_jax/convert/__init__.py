@@ -1,1 +1,2 @@
-"""Weight converters: foreign layouts (PyTorch state dicts, HF folders, ONNX) -> Flax trees."""
+"""Weight-conversion command lines (`python -m vfmtok_jax.convert vfm|tokenizer`, and
+`python -m vfmtok_jax.convert.lpips_weights`); the readers and key maps are `vfmtok_jax.weights`."""

@@ -1,12 +1,14 @@
 r"""Weight conversion command line.
 
   python -m vfmtok_jax.convert vfm SRC DST [--num_heads N]
-      SRC: anything `load_vfm` reads (HF folder, official DINOv2 .pth/.safetensors, .onnx,
+      SRC: anything `vfm_zoo.load_vfm` reads (HF folder, official DINOv2 .pth/.safetensors, .onnx,
       "default"); DST: a folder with the Orbax params and `vfm.json`.
 
-  python -m vfmtok_jax.convert tokenizer SRC DST [--config.KEY=VALUE ...]
-      SRC: an official VFMTok tokenizer checkpoint (`.pt` as released, {'model', 'ema', ...}
-      or a bare state dict; or `.safetensors`). Every size the tensors determine is inferred;
+  python -m vfmtok_jax.convert tokenizer SRC DST [--checkpoint_entry E] [--config.KEY=VALUE ...]
+      SRC: an official VFMTok tokenizer checkpoint (`.pt` as released or as the reference's
+      training scripts save it, {'model', 'ema', 'optimizer', ..., 'args': Namespace}, whose
+      'ema' entry is converted unless --checkpoint_entry says otherwise; a bare state dict; or
+      `.safetensors`). Every size the tensors determine is inferred;
       head counts, the decoder grid, dropout and the VFM (source, levels, size, resize) come
       from the config (default configs/tokenizer.py:official), e.g.
       --config.model.decoder_heads=4 --config.vfm.levels="(0,1,2,3)". When SRC contains the
@@ -22,6 +24,11 @@ from absl import flags
 import jax
 import numpy as np
 from ml_collections import config_flags
+
+from vfmtok_jax import tokenizer_io
+from vfmtok_jax import vfm_zoo
+from vfmtok_jax.weights import dinov2 as dinov2_keys
+from vfmtok_jax.weights import files
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs",
                                "tokenizer.py") + ":official"
@@ -42,34 +49,37 @@ def _n_params(tree) -> int:
 
 
 def convert_vfm(src: str, dst: str, num_heads: int = 0) -> None:
-  from vfmtok_jax.models.vfm import zoo  # pylint: disable=g-import-not-at-top
-  vfm = zoo.load_vfm(src, **({"num_heads": num_heads} if num_heads else {}))
-  zoo.save_vfm(vfm, dst)
+  """`vfm_zoo.load_vfm(src)` saved as a VFM folder `dst`."""
+  vfm = vfm_zoo.load_vfm(src, **({"num_heads": num_heads} if num_heads else {}))
+  vfm_zoo.save_vfm(vfm, dst)
   print(f"converted {vfm.kind} ({vfm.depth} blocks, width {vfm.width}, "
         f"{_n_params(vfm.params):,} params) from {src} -> {dst}")
 
 
 def read_tokenizer_state(src: str, entry: str = "") -> dict:
   """Flat tensors of an official tokenizer checkpoint (the EMA weights when it has them)."""
-  from vfmtok_jax.convert import common  # pylint: disable=g-import-not-at-top
-  return common.read_state_dict(src, subkey=entry or None, prefer=("ema", "model"))
+  return files.read_state_dict(src, subkey=entry or None, prefer=("ema", "model"))
 
 
 def convert_tokenizer(src: str, dst: str, config, entry: str = "") -> None:
-  from vfmtok_jax import tokenizer_io  # pylint: disable=g-import-not-at-top
-  from vfmtok_jax.convert import dinov2 as convert_dinov2  # pylint: disable=g-import-not-at-top
-  from vfmtok_jax.convert import tokenizer as convert_tokenizer  # pylint: disable=g-import-not-at-top
-  from vfmtok_jax.models.vfm import zoo  # pylint: disable=g-import-not-at-top
+  """Converts a tokenizer checkpoint (and the DINOv2 backbone in it, if any) to folder `dst`.
+
+  Args:
+    src: the checkpoint (see the module docstring).
+    dst: the tokenizer folder to write (`tokenizer_io` layout).
+    config: a tokenizer config; its `model` block supplies NON_INFERABLE, its `vfm` block is
+      stored (and `vfm.num_heads` used for the backbone).
+    entry: the checkpoint entry to convert ("" = ema when present, else model).
+  """
   state = read_tokenizer_state(src, entry)
   overrides = tokenizer_io.model_kwargs({k: config.model[k] for k in NON_INFERABLE})
   overrides = {k: overrides[k] for k in NON_INFERABLE}
-  model, params = convert_tokenizer.from_state(state, source=src, **overrides)
+  model, params = tokenizer_io.tokenizer_from_state(state, source=src, **overrides)
   vfm = None
-  if any(k.startswith(convert_dinov2.VFMTOK_PREFIX) for k in state):
+  if any(k.startswith(dinov2_keys.VFMTOK_PREFIX) for k in state):
     heads = config.vfm.num_heads or None
-    module, vfm_params = convert_dinov2.from_official_state(state, source=src, num_heads=heads)
-    vfm = zoo.VFM("dinov2", module, vfm_params, zoo.preprocess.IMAGENET_MEAN,
-                  zoo.preprocess.IMAGENET_STD, module.pos_grid * module.patch_size, src)
+    module, vfm_params = vfm_zoo.dinov2_from_official_state(state, source=src, num_heads=heads)
+    vfm = vfm_zoo.dinov2_vfm(module, vfm_params, src)
   vfm_cfg = dict(config.vfm)
   tokenizer_io.save_tokenizer(dst, model, params, vfm_cfg, vfm=vfm, source=src)
   print(f"converted tokenizer ({_n_params(params):,} params; {model.num_queries} queries, "

@@ -15,38 +15,30 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 
-import numpy as np
+from safetensors.numpy import save_file
 
-from vfmtok_jax.convert import common
-
-
-def merge_state(vgg: dict[str, np.ndarray], lin: dict[str, np.ndarray], *,
-                source: str) -> dict[str, np.ndarray]:
-  """Canonical LPIPS state: the VGG conv tensors of `vgg` plus the lin tensors of `lin`."""
-  from vfmtok_jax.losses import lpips  # pylint: disable=g-import-not-at-top
-  vgg_c = lpips.canonical_state(vgg, source=source)
-  lin_c = lpips.canonical_state(lin, source=source)
-  wanted = set(k for k, _ in lpips.lpips_mapping().values())
-  out = {k: v for k, v in vgg_c.items() if k.startswith("features.") and k in wanted}
-  out.update({k: v for k, v in lin_c.items() if re.fullmatch(r"lin\d\.model\.1\.weight", k)})
-  lpips.from_state(out, source=source)  # raises WeightLoadError listing what is wrong
-  return {k: np.ascontiguousarray(v, np.float32) for k, v in sorted(out.items())}
+from vfmtok_jax.losses import lpips
+from vfmtok_jax.weights import files
+from vfmtok_jax.weights import lpips as lpips_keys
 
 
 def merge_files(vgg_path: str, lin_path: str, out_path: str) -> str:
-  """Reads both files, checks the result, writes a safetensors file; returns `out_path`."""
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  state = merge_state(common.read_state_dict(vgg_path), common.read_state_dict(lin_path),
-                      source=f"{vgg_path} + {lin_path}")
+  """Reads both files, checks the result, writes a safetensors file; returns `out_path`.
+
+  Raises:
+    WeightLoadError: the merged tensors do not make LPIPS params (lists every problem).
+  """
+  source = f"{vgg_path} + {lin_path}"
+  state = lpips_keys.merge_state(files.read_state_dict(vgg_path),
+                                 files.read_state_dict(lin_path), source=source)
+  lpips.from_state(state, source=source)  # raises WeightLoadError listing what is wrong
   os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
   save_file(state, out_path)
   return out_path
 
 
 def main(argv=None) -> None:
-  from vfmtok_jax.losses import lpips  # pylint: disable=g-import-not-at-top
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--vgg", required=True, help="torchvision VGG16 state dict (.pth/.safetensors)")
   p.add_argument("--lin", required=True, help="LPIPS lin weights (taming/lpips vgg.pth)")

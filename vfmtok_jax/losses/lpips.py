@@ -6,19 +6,19 @@
   NetLinLayer (Dropout(0.5) in train mode, then 1x1 conv C -> 1 without bias) -> spatial mean ->
   sum over the 5 taps -> (B,).
 
-Weights: ONE local file (`.safetensors`, `.pth` or `.npz`) holding
+Weights: ONE local file (`.safetensors`, `.pth` or `.npz`), or two (VGG16 + lin layers), holding
   * the VGG16 convs in torchvision layout `features.N.weight/bias` (N in 0, 2, 5, ..., 28), or the
     taming / `lpips`-package layout `net.sliceK.N.weight/bias` (same N);
   * the LPIPS lin layers `linK.model.1.weight` (taming's `vgg.pth`, the `lpips` package's
     `weights/v0.1/vgg.pth`; `linK.model.0.weight`, the no-dropout naming, is accepted too).
-`scaling_layer.shift/scale` buffers and torchvision's `classifier.*` are ignored. Build the file
-offline with `python -m vfmtok_jax.convert.lpips_weights` (see `MISSING_WEIGHTS_HELP`).
+`scaling_layer.shift/scale` buffers and torchvision's `classifier.*` are ignored (the layouts are
+`weights.lpips`'s). Build the single file offline with `python -m vfmtok_jax.convert.lpips_weights`
+(see `MISSING_WEIGHTS_HELP`).
 """
 
 from __future__ import annotations
 
 import os
-import re
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -26,16 +26,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vfmtok_jax.convert import common
 from vfmtok_jax.models import layers
 from vfmtok_jax.models.pixel_decoder import Conv
+from vfmtok_jax.weights import files
+from vfmtok_jax.weights import lpips as lpips_keys
+from vfmtok_jax.weights import trees
 
 SHIFT = (-0.030, -0.088, -0.188)
 SCALE = (0.458, 0.448, 0.450)
 # torchvision `vgg16().features` conv indices per LPIPS tap (a 2x2 max-pool precedes taps 1-4).
-VGG16_STAGES = ((0, 2), (5, 7), (10, 12, 14), (17, 19, 21), (24, 26, 28))
+VGG16_STAGES = lpips_keys.VGG16_STAGES
 VGG16_WIDTHS = (64, 128, 256, 512, 512)
-WEIGHTS_ENV = common.WEIGHTS_ENV
 WEIGHTS_FILENAME = "lpips_vgg16.safetensors"
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 LIN_URL = "https://heibox.uni-heidelberg.de/f/607503859c864bc1b30b/?dl=1"  # taming vgg.pth
@@ -55,11 +56,9 @@ Then put the result at {path} (or pass its path to load_lpips; the default folde
 ${env}, else ~/.cache/vfmtok_jax)."""
 
 
-weights_dir = common.weights_dir
-
-
 def default_path() -> str:
-  return os.path.join(weights_dir(), WEIGHTS_FILENAME)
+  """`$VFMTOK_JAX_WEIGHTS/lpips_vgg16.safetensors` (else under ~/.cache/vfmtok_jax)."""
+  return os.path.join(files.weights_dir(), WEIGHTS_FILENAME)
 
 
 def _normalize(x: jax.Array, eps: float = 1e-10) -> jax.Array:
@@ -124,53 +123,17 @@ class LPIPS(nn.Module):
 # Weights.
 # ----------------------------------------------------------------------------------------------
 
-_IGNORED = re.compile(r"^(scaling_layer\.(shift|scale)|classifier\..*)$")
-
-
-def canonical_state(state: Mapping[str, np.ndarray], *, source: str) -> dict[str, np.ndarray]:
-  """Renames accepted layouts to `features.N.{weight,bias}` + `linK.model.1.weight`.
-
-  Accepts `features.N.*`, bare `N.*` (a saved `vgg16().features`), `net.sliceK.N.*`
-  (taming / lpips), `linK.model.{0,1}.weight`; drops `scaling_layer.*` and `classifier.*`.
-  Unknown keys are kept under their own names (`assemble` then reports them).
-  """
-  out: dict[str, np.ndarray] = {}
-  dupes = []
-  for key, value in state.items():
-    if _IGNORED.match(key):
-      continue
-    name = key
-    if m := re.fullmatch(r"(?:net\.slice\d+\.|features\.)?(\d+)\.(weight|bias)", key):
-      name = f"features.{m.group(1)}.{m.group(2)}"
-    elif m := re.fullmatch(r"lin(\d)\.model\.[01]\.weight", key):
-      name = f"lin{m.group(1)}.model.1.weight"
-    if name in out:
-      dupes.append(f"{key} duplicates {name}")
-    out[name] = value
-  if dupes:
-    raise common.WeightLoadError(source, other=dupes)
-  return out
-
-
-def lpips_mapping() -> dict:
-  """Flax path -> (canonical key, transform)."""
-  m = {}
-  for stage in VGG16_STAGES:
-    for idx in stage:
-      m[f"features_{idx}/kernel"] = (f"features.{idx}.weight", common.conv)
-      m[f"features_{idx}/bias"] = (f"features.{idx}.bias", common.identity)
-  for k in range(5):
-    m[f"lin{k}/kernel"] = (f"lin{k}.model.1.weight", common.conv)
-  return m
-
-
 def from_state(state: Mapping[str, np.ndarray], *, source: str) -> tuple[LPIPS, Any]:
-  """(LPIPS(), params) from a flat state dict in any accepted layout."""
+  """(LPIPS(), params) from a flat state dict in any accepted layout.
+
+  Raises:
+    WeightLoadError: missing, unexpected, duplicated or mis-shaped tensors.
+  """
   model = LPIPS()
   dummy = np.zeros((1, 32, 32, 3), np.float32)
-  expected = common.expected_params(model, dummy, dummy)
-  params = common.assemble(expected, lpips_mapping(), canonical_state(state, source=source),
-                           source=source)
+  expected = trees.expected_params(model, dummy, dummy)
+  params = trees.assemble(expected, lpips_keys.lpips_mapping(),
+                          lpips_keys.canonical_state(state, source=source), source=source)
   return model, params
 
 
@@ -191,14 +154,15 @@ def load_lpips(path: str | None = None, lin_path: str | None = None) -> tuple[LP
     if p is not None and not os.path.isfile(p):
       raise FileNotFoundError(f"LPIPS weight file {p} does not exist.\n" +
                               MISSING_WEIGHTS_HELP.format(path=path, vgg_url=VGG16_URL,
-                                                          lin_url=LIN_URL, env=WEIGHTS_ENV))
-  state = dict(common.read_state_dict(path))
+                                                          lin_url=LIN_URL,
+                                                          env=files.WEIGHTS_ENV))
+  state = dict(files.read_state_dict(path))
   source = path
   if lin_path is not None:
-    lin = common.read_state_dict(lin_path)
+    lin = files.read_state_dict(lin_path)
     clash = sorted(set(state) & set(lin))
     if clash:
-      raise common.WeightLoadError(f"{path} + {lin_path}", other=[
+      raise files.WeightLoadError(f"{path} + {lin_path}", other=[
           f"{k} is in both files" for k in clash])
     state.update(lin)
     source = f"{path} + {lin_path}"

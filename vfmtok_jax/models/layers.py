@@ -2,7 +2,7 @@
 
 Every parameter is created through `nn.with_logical_partitioning`, so `model.init` returns
 boxed params whose names (`embed`, `mlp`, `heads`, ...) the sharding rules map onto the mesh;
-`nn.unbox` gives the plain arrays that `apply` and the weight converters use.
+`nn.unbox` gives the plain arrays that `apply` and the weight loaders (`weights.trees`) use.
 Norm statistics and softmax are always computed in float32.
 """
 

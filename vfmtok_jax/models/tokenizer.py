@@ -1,8 +1,9 @@
 """VFMTok's trainable part: region encoder -> L2 VQ -> ViT decoder -> conv pixel decoder.
 
 Submodule names follow the reference state dict (`encode_transformer`, `pre_slots_quant`,
-`slot_quantize`, `post_slots_quant`, `decode_transformer`, `decoder`), so the converter is a
-rename. The frozen VFM is not part of this module: its features are inputs.
+`slot_quantize`, `post_slots_quant`, `decode_transformer`, `decoder`), so the key map
+(`weights.tokenizer`) is a rename. The frozen VFM is not part of this module: its features are
+inputs.
 """
 
 from __future__ import annotations

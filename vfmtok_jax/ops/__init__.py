@@ -1,1 +1,1 @@
-"""Numerical building blocks shared by the models (resizes, ...)."""
+"""Numerical building blocks shared by the models: torch/kornia-exact resizes."""

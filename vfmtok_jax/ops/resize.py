@@ -8,7 +8,9 @@ not what the reference code calls. The reference resizes through
   * `F.interpolate(mode="bicubic", antialias=True)`: the PIL-style filter (a = -0.5), widened by
     the downscale factor and renormalised per output pixel;
   * `kornia.geometry.resize(..., "bicubic", align_corners=True, antialias=True)`: a Gaussian
-    blur (reflect borders) when downscaling, then the plain bicubic above.
+    blur (reflect borders) when downscaling, then the plain bicubic above;
+  * `F.interpolate(mode="area")` (= `adaptive_avg_pool2d`), which the DINO discriminator uses
+    to shrink its input.
 
 Every resize here is linear and separable, so it is built once in numpy (float64) as an
 (out, in) matrix per axis and applied with two einsums. Shapes are static, so the matrices
@@ -77,6 +79,20 @@ def antialiased_bicubic_matrix(in_size: int, out_size: int, *,
   return mat
 
 
+@functools.lru_cache(maxsize=64)
+def area_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """(out, in) matrix of `F.interpolate(mode='area')` = `adaptive_avg_pool` along one axis.
+
+  Output i averages inputs [floor(i * in / out), ceil((i + 1) * in / out)).
+  """
+  mat = np.zeros((out_size, in_size))
+  for i in range(out_size):
+    start = (i * in_size) // out_size
+    end = -(-((i + 1) * in_size) // out_size)
+    mat[i, start:end] = 1.0 / (end - start)
+  return mat
+
+
 def _reflect_index(i: np.ndarray, n: int) -> np.ndarray:
   """`reflect` padding index (edge sample not repeated), as torch's F.pad(mode="reflect")."""
   if n == 1:
@@ -141,6 +157,22 @@ def apply_hw(x: jnp.ndarray, rows: np.ndarray, cols: np.ndarray) -> jnp.ndarray:
   y = jnp.einsum("oh,...hwc->...owc", r, x.astype(compute), precision="highest")
   y = jnp.einsum("pw,...owc->...opc", c, y, precision="highest")
   return y.astype(dtype)
+
+
+def area_or_bicubic(x: jnp.ndarray, size: int) -> jnp.ndarray:
+  """(B, H, W, C) -> (B, size, size, C) as the DINO discriminator's non-crop path does it.
+
+  `F.interpolate(size=size, mode='area' if H > size else 'bicubic')` (bicubic: a = -0.75, no
+  antialias); the input is returned unchanged when it is already size x size.
+  """
+  h, w = x.shape[1:3]
+  if (h, w) == (size, size):
+    return x
+  if h > size:
+    rows, cols = area_matrix(h, size), area_matrix(w, size)
+  else:
+    rows, cols = bicubic_matrix(h, size), bicubic_matrix(w, size)
+  return apply_hw(x, rows, cols)
 
 
 def resize_matrices(in_hw: tuple[int, int], out_hw: tuple[int, int], method: str,

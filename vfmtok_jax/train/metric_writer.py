@@ -1,4 +1,8 @@
-"""Metric logging (process 0 only): `metrics.jsonl`, TensorBoard events, and progress lines."""
+"""Metric logging (process 0 only): `metrics.jsonl`, TensorBoard events, and progress lines.
+
+TensorFlow (for the event files) is imported by every process when this module is imported,
+so that processes reach their first collective at the same pace.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import time
 
 import jax
 import numpy as np
+import tensorflow as tf
 
 
 class MetricWriter:
@@ -20,9 +25,10 @@ class MetricWriter:
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      tf.config.set_visible_devices([], "GPU")
-      self._tf = tf
+      try:
+        tf.config.set_visible_devices([], "GPU")  # TensorFlow stays off the accelerators
+      except RuntimeError:  # already initialised
+        pass
       self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
 
   def scalars(self, step: int, values: dict) -> None:
@@ -33,13 +39,13 @@ class MetricWriter:
     self._jsonl.flush()
     with self._tb.as_default(step=int(step)):
       for k, v in clean.items():
-        self._tf.summary.scalar(k, v)
+        tf.summary.scalar(k, v)
 
   def image(self, step: int, name: str, rgb_uint8: np.ndarray) -> None:
     if not self.enabled:
       return
     with self._tb.as_default(step=int(step)):
-      self._tf.summary.image(name, np.asarray(rgb_uint8)[None], max_outputs=1)
+      tf.summary.image(name, np.asarray(rgb_uint8)[None], max_outputs=1)
 
   def flush(self) -> None:
     if self.enabled:

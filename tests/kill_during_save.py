@@ -1,0 +1,41 @@
+"""The tokenizer trainer's command line, SIGKILLed while the async save of one step is written.
+
+  python tests/kill_during_save.py --kill_during_save=3 --config ... --workdir ...
+
+A watcher thread polls the checkpoint folder and kills this process as soon as the temporary
+directory of that step's save appears (Orbax renames it when complete).
+"""
+
+import os
+import signal
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from vfmtok_jax import train_tokenizer  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_STEP = flags.DEFINE_integer("kill_during_save", 0, "step whose save is interrupted")
+
+
+def _watch(directory: str, step: int) -> None:
+  while True:
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    if any(n.startswith(f"{step}.") and "tmp" in n for n in names):
+      os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(0.0005)
+
+
+def main(argv):
+  ckpt_dir = os.path.join(flags.FLAGS.workdir, "ckpt")
+  threading.Thread(target=_watch, args=(ckpt_dir, _STEP.value), daemon=True).start()
+  train_tokenizer.main(argv)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

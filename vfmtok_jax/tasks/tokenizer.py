@@ -1,0 +1,381 @@
+"""The VFMTok tokenizer as a task of the training loop (train/loop.py).
+
+What is tokenizer-specific lives here: the frozen VFM and loss networks (the step's constants),
+the generator loss (reconstruction, LPIPS, VQ, commitment, entropy, semantic, GAN), the
+discriminator's own step, the held-out evaluation (PSNR, codebook usage and perplexity, a
+reconstruction grid) and the export to a tokenizer folder. `from_config` builds it, `build`
+gives it with its program on a mesh, `train` runs it (train_tokenizer.py is the command line).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+
+from vfmtok_jax import sharding as shd
+from vfmtok_jax import tokenizer_io
+from vfmtok_jax import vfm_zoo
+from vfmtok_jax import vfmtok
+from vfmtok_jax.data import images as image_io
+from vfmtok_jax.data import input_pipeline
+from vfmtok_jax.losses import gan as gan_losses
+from vfmtok_jax.losses import lpips as lpips_lib
+from vfmtok_jax.losses import tokenizer_losses as losses
+from vfmtok_jax.models import dino_disc
+from vfmtok_jax.models import tokenizer as tokenizer_lib
+from vfmtok_jax.train import loop
+from vfmtok_jax.train import optim
+from vfmtok_jax.train import program as program_lib
+from vfmtok_jax.train import state as state_lib
+from vfmtok_jax.train import task as task_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSettings:
+  rec: str = "l2x2"             # "l2x2" (the reference's 2 * MSE), "l2" or "l1"
+  rec_weight: float = 1.0
+  vq_weight: float = 1.0
+  commit_weight: float = 1.0
+  semantic_weight: float = 1.0
+  perceptual_weight: float = 0.0
+  lpips_path: str = ""          # "" = $VFMTOK_JAX_WEIGHTS/lpips_vgg16.safetensors
+  lpips_dropout: bool = True    # the reference trains with LPIPS' lin-layer dropout on
+
+
+@dataclasses.dataclass(frozen=True)
+class DiscSettings:
+  enabled: bool = False
+  dino_path: str = ""           # "" = $VFMTOK_JAX_WEIGHTS/dino_deitsmall16_pretrain.pth
+  start: int = 0                # the GAN terms count from this step on
+  weight: float = 0.5
+  lr: float = 1e-4
+  b1: float = 0.9
+  b2: float = 0.95
+  grad_clip: float = 1.0
+
+
+def _fetch(x) -> np.ndarray:
+  """A global (possibly multi-process) array as one numpy array on every process."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+class TokenizerTask(task_lib.Task):
+  """Trains a `VFMTokenizer` on a frozen VFM (see module docstring)."""
+
+  rule_families = ("tokenizer",)
+
+  def __init__(self, *, tok: vfmtok.VFMTok, tx: optax.GradientTransformation,
+               lr_fn: optax.Schedule, loss: LossSettings, disc: DiscSettings, ema_decay: float,
+               input_cfg: ml_collections.ConfigDict, batch_size: int, eval_batch_size: int,
+               seed: int, eval_ema: bool, export_ema: bool, vfm_record: dict):
+    self.tok, self.model, self.tx, self.lr_fn = tok, tok.model, tx, lr_fn
+    self.loss, self.disc_cfg, self.ema_decay = loss, disc, ema_decay
+    self.input_cfg, self.batch_size, self.eval_batch_size = input_cfg, batch_size, eval_batch_size
+    self.seed, self.eval_ema, self.export_ema = seed, eval_ema, export_ema
+    self.vfm_record = vfm_record
+    self.semantic = loss.semantic_weight > 0
+    self.lpips = lpips_lib.LPIPS() if loss.perceptual_weight > 0 else None
+    self.disc = dino_disc.DinoDisc() if disc.enabled else None
+    self.disc_tx = None
+    if self.disc is not None:
+      self.disc_tx = optim.adam(lr_schedule=optax.constant_schedule(disc.lr), b1=disc.b1,
+                                b2=disc.b2, grad_clip=disc.grad_clip)
+    self._feature_shapes, self._grids = self._vfm_feature_shapes()
+    self._check_semantic()
+    self._eval_batches = None
+    self._eval_fn = None
+
+  # -- shapes -----------------------------------------------------------------------------------
+
+  def _vfm_feature_shapes(self):
+    """Shapes of the VFM levels for one image and their grids (abstract, no compute)."""
+    grids = []
+
+    def fn(p):
+      out = self.tok.features(p, jnp.zeros((1, self.model.image_size, self.model.image_size, 3)))
+      grids.extend(out["grids"])  # python ints, captured while tracing
+      return out["levels"]
+    levels = jax.eval_shape(fn, nn.unbox(self._abstract_vfm()))
+    return [f.shape[1:] for f in levels], grids
+
+  def _check_semantic(self):
+    if not self.semantic:
+      return
+    n_tokens, width = self._feature_shapes[-1]
+    if self.model.decoder_pos_table ** 2 != n_tokens or self.model.semantic_dim != width:
+      raise ValueError(
+          f"semantic loss: the decoder predicts {self.model.decoder_pos_table}^2 tokens of width "
+          f"{self.model.semantic_dim}, the VFM gives {n_tokens} tokens of width {width}; set "
+          "model.decoder_pos_table / model.semantic_dim to match, or loss.semantic_weight=0")
+
+  def _abstract_vfm(self):
+    module = self.tok.vfm.module
+    x = jnp.zeros((1, module.patch_size, module.patch_size, 3))
+    return jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), x))["params"]
+
+  def abstract_constants(self):
+    consts = {"vfm": self._abstract_vfm()}
+    if self.lpips is not None:
+      x = jnp.zeros((1, 32, 32, 3))
+      consts["lpips"] = nn.unbox(jax.eval_shape(
+          lambda: self.lpips.init(jax.random.PRNGKey(0), x, x)))["params"]
+    if self.disc is not None:
+      consts["disc_backbone"] = gan_losses.abstract_dino_backbone(self.disc)
+    return consts
+
+  def load_constants(self):
+    consts = {"vfm": self.tok.vfm.params}
+    if self.lpips is not None:
+      consts["lpips"] = lpips_lib.load_lpips(self.loss.lpips_path or None)[1]
+    if self.disc is not None:
+      consts["disc_backbone"] = gan_losses.load_dino_backbone(self.disc_cfg.dino_path or None,
+                                                              model=self.disc)[1]
+    return consts
+
+  def batch_shapes(self):
+    s = self.model.image_size
+    return {"image": jax.ShapeDtypeStruct((self.batch_size, s, s, 3), jnp.float32),
+            "label": jax.ShapeDtypeStruct((self.batch_size,), jnp.int32)}
+
+  def init_state(self, rng):
+    init_rng, state_rng, disc_rng = jax.random.split(rng, 3)
+    dummy = [jnp.zeros((1,) + s) for s in self._feature_shapes]
+    params = self.model.init(init_rng, dummy, self._grids, train=False)["params"]
+    extra = {}
+    if self.disc is not None:
+      heads, spectral = dino_disc.init_heads(self.disc, disc_rng)
+      extra = {"disc_params": heads, "disc_opt_state": self.disc_tx.init(heads),
+               "disc_spectral": spectral}
+    return state_lib.new_state(params, self.tx.init(params), state_rng, extra)
+
+  # -- the step ---------------------------------------------------------------------------------
+
+  def _discriminate(self, consts, heads, spectral, images, rng):
+    return dino_disc.disc_logits(self.disc, consts["disc_backbone"], heads, spectral, images,
+                                 train=True, rng=rng)
+
+  def generator_loss(self, params, state, consts, images, gan_weight, rngs):
+    """(total, (terms, codebook stats, recon, spectral state after the G pass)).
+
+    images: (B, H, W, 3) in [-1, 1]; rngs: (dropout, LPIPS dropout, discriminator) keys.
+    """
+    drop_rng, lpips_rng, g_rng = rngs
+    cfg = self.loss
+    out = self.tok.forward(params, consts["vfm"], images, rng=drop_rng, train=True,
+                           semantic=self.semantic)
+    recon = out["recon"]
+    terms = {"loss_rec": losses.reconstruction(images, recon, cfg.rec),
+             "loss_vq": out["vq_loss"], "loss_commit": out["commit_loss"]}
+    weights = {"loss_rec": cfg.rec_weight, "loss_vq": cfg.vq_weight,
+               "loss_commit": cfg.commit_weight}
+    if self.model.entropy_weight > 0:  # already scaled by the quantizer's entropy_weight
+      terms["loss_entropy"], weights["loss_entropy"] = out["entropy_loss"], 1.0
+    if self.semantic:
+      terms["loss_semantic"] = losses.semantic(out["semantic"], out["vfm_target"])
+      weights["loss_semantic"] = cfg.semantic_weight
+    if self.lpips is not None:
+      terms["loss_lpips"] = jnp.mean(self.lpips.apply(
+          {"params": consts["lpips"]}, images, recon, deterministic=not cfg.lpips_dropout,
+          rngs={"dropout": lpips_rng}))
+      weights["loss_lpips"] = cfg.perceptual_weight
+    spectral = state.extra.get("disc_spectral")
+    if self.disc is not None:
+      logits, spectral = self._discriminate(consts, state.extra["disc_params"], spectral, recon,
+                                            g_rng)
+      terms["loss_gan_g"], weights["loss_gan_g"] = gan_losses.softplus_g_loss(logits), gan_weight
+    total = sum(weights[k] * v for k, v in terms.items())
+    stats = {k: out[k] for k in ("codebook_usage", "codebook_perplexity", "codebook_max_ratio")}
+    return total, (terms, stats, recon, spectral)
+
+  def _disc_step(self, state, consts, images, fake, spectral, gan_weight, rng):
+    """The hinge step of the discriminator heads on the detached reconstruction."""
+    extra = state.extra
+
+    def d_loss_fn(heads):
+      # Fake first, then real, as the reference calls it (each call iterates the spectral norm).
+      logits_fake, sn = self._discriminate(consts, heads, spectral, fake, rng)
+      logits_real, sn = self._discriminate(consts, heads, sn, images, jax.random.fold_in(rng, 1))
+      return gan_weight * gan_losses.hinge_d_loss(logits_real, logits_fake), (
+          sn, logits_real.mean(), logits_fake.mean())
+    (d_loss, (sn, real_mean, fake_mean)), d_grads = jax.value_and_grad(
+        d_loss_fn, has_aux=True)(extra["disc_params"])
+    updates, d_opt = self.disc_tx.update(d_grads, extra["disc_opt_state"], extra["disc_params"])
+    new_extra = {"disc_params": optax.apply_updates(extra["disc_params"], updates),
+                 "disc_opt_state": d_opt, "disc_spectral": sn}
+    metrics = {"loss_disc": d_loss, "disc_logits_real": real_mean,
+               "disc_logits_fake": fake_mean, "gan_weight": gan_weight}
+    return new_extra, metrics, jnp.isfinite(d_loss)
+
+  def train_step(self, state, constants, batch):
+    rng = jax.random.fold_in(state.rng, state.step)
+    drop_rng, lpips_rng, g_rng, d_rng = jax.random.split(rng, 4)
+    images = batch["image"]
+    gan_weight = 0.0
+    if self.disc is not None:
+      gan_weight = gan_losses.disc_weight(state.step + 1, disc_start=self.disc_cfg.start,
+                                          weight=self.disc_cfg.weight)
+    (loss, (terms, stats, recon, spectral)), grads = jax.value_and_grad(
+        self.generator_loss, has_aux=True)(state.params, state, constants, images, gan_weight,
+                                            (drop_rng, lpips_rng, g_rng))
+    grad_norm = state_lib.global_norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new = state.replace(params=params, opt_state=opt_state,
+                        ema_params=optim.ema_update(state.ema_params, params, self.ema_decay))
+    metrics = {"loss": loss, **terms, **stats, "grad_norm": grad_norm,
+               "lr": self.lr_fn(state.step)}
+    if self.disc is not None:
+      extra, d_metrics, d_ok = self._disc_step(state, constants, images,
+                                               jax.lax.stop_gradient(recon), spectral,
+                                               gan_weight, d_rng)
+      new, ok = new.replace(extra=extra), ok & d_ok
+      metrics.update(d_metrics)
+    return new, metrics, ok
+
+  # -- data, evaluation, logs, export ------------------------------------------------------------
+
+  def train_iterator(self, start_position, batch_shardings):
+    return input_pipeline.make_train_iterator(
+        self.input_cfg, global_batch_size=self.batch_size, seed=self.seed,
+        start_step=start_position, sharding=batch_shardings["image"])
+
+  def _eval_step(self, params, vfm_params, images):
+    feats = self.tok.features(vfm_params, images)
+    enc = self.model.apply({"params": params}, feats["levels"], feats["grids"],
+                           method=tokenizer_lib.VFMTokenizer.encode)
+    recon = self.model.apply({"params": params}, enc["indices"],
+                             method=tokenizer_lib.VFMTokenizer.decode_indices)
+    return {"recon": recon, "indices": enc["indices"], "psnr": losses.psnr(images, recon)}
+
+  def evaluate(self, program, state, constants, step, *, grid_images: int = 8):
+    """Mean PSNR over the real (unpadded) held-out examples, decoded from their codes; codebook
+    usage and perplexity over the whole set; a grid of originals above reconstructions."""
+    del step
+    if self._eval_batches is None:
+      self._eval_batches = input_pipeline.make_eval_batches(
+          self.input_cfg, global_batch_size=self.eval_batch_size,
+          sharding=program.batch_sharding(4))
+      self._eval_fn = program.jit(self._eval_step)
+    params = state.ema_params if self.eval_ema else state.params
+    size = self.model.codebook_size
+    psnrs, counts, originals, recons = [], np.zeros(size, np.int64), [], []
+    for batch in self._eval_batches:
+      out = self._eval_fn(params, constants["vfm"], batch["image"])
+      mask = _fetch(batch["_mask"]).astype(bool)
+      psnrs.append(_fetch(out["psnr"])[mask])
+      counts += np.bincount(_fetch(out["indices"])[mask].ravel(), minlength=size)
+      if sum(len(o) for o in originals) < grid_images:
+        originals.append(_fetch(batch["image"])[mask])
+        recons.append(_fetch(out["recon"])[mask])
+    psnr = np.concatenate(psnrs)
+    probs = counts / max(counts.sum(), 1)
+    nz = probs[probs > 0]
+    result = {"eval_psnr": float(psnr.mean()), "eval_examples": float(len(psnr)),
+              "eval_codebook_usage": float((counts > 0).mean()),
+              "eval_codebook_perplexity": float(np.exp(-(nz * np.log(nz)).sum()))}
+    images = {}
+    if originals:
+      o = np.concatenate(originals)[:grid_images]
+      r = np.concatenate(recons)[:grid_images]
+      images["recon"] = image_io.image_grid([image_io.to_uint8(o), image_io.to_uint8(r)])
+    return result, images
+
+  def eval_line(self, step, metrics):
+    return (f"eval step {step}: psnr={metrics['eval_psnr']:.2f} dB "
+            f"usage={metrics['eval_codebook_usage']:.3f} "
+            f"perplexity={metrics['eval_codebook_perplexity']:.1f}")
+
+  def log_line(self, step, total_steps, metrics, eta):
+    terms = " ".join(f"{k[5:]}={metrics[k]:.4f}" for k in sorted(metrics)
+                     if k.startswith("loss_"))
+    return (f"step {step}/{total_steps} loss={metrics['loss']:.4f} {terms} "
+            f"usage={metrics['codebook_usage']:.3f} lr={metrics['lr']:.2e} "
+            f"{metrics.get('steps_per_sec', 0.0):.2f} steps/s ETA {eta}")
+
+  def export(self, state, workdir):
+    params = state.ema_params if self.export_ema else state.params
+    path = os.path.join(workdir, "export")
+    tokenizer_io.save_tokenizer(path, self.model, params, self.vfm_record,
+                                source=f"trained in {workdir} ({int(state.step)} steps)")
+    return {"export": path}
+
+
+# ------------------------------------------------------------------------------------------------
+# From a config (configs/tokenizer.py).
+# ------------------------------------------------------------------------------------------------
+
+def vfm_record(vfm_cfg) -> dict:
+  """The `vfm` block a tokenizer folder records (an existing local source made absolute)."""
+  record = {k: vfm_cfg[k] for k in ("source", "levels", "size", "resize", "num_heads")}
+  if os.path.exists(record["source"]):
+    record["source"] = os.path.abspath(record["source"])
+  return record
+
+
+def from_config(config, vfm: vfm_zoo.VFM | None = None) -> TokenizerTask:
+  """The task of a tokenizer config; loads the frozen VFM from `config.vfm` unless given."""
+  model = tokenizer_lib.VFMTokenizer(**tokenizer_io.model_kwargs(config.model))
+  if model.image_size != config.image_size:
+    raise ValueError(f"image_size {config.image_size} but the model decodes "
+                     f"{model.decoder_grid} x 2^{len(model.pixel_ch_mult) - 1} = "
+                     f"{model.image_size} px; change model.decoder_grid/pixel_ch_mult")
+  if config.input.image_size != config.image_size:
+    raise ValueError(f"input.image_size {config.input.image_size} != image_size "
+                     f"{config.image_size}")
+  if vfm is None:
+    kwargs = {"num_heads": config.vfm.num_heads} if config.vfm.get("num_heads") else {}
+    vfm = vfm_zoo.load_vfm(config.vfm.source, **kwargs)
+  if config.vfm.dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"vfm.dtype {config.vfm.dtype!r}: expected float32 or bfloat16")
+  if config.vfm.dtype != "float32":  # compute dtype only; the params stay float32
+    vfm = dataclasses.replace(vfm, module=vfm.module.clone(dtype=getattr(jnp, config.vfm.dtype)))
+  size = config.vfm.size
+  tok = vfmtok.VFMTok(vfm, model, None, tuple(config.vfm.levels), (size, size) if size else None,
+                      config.vfm.resize)
+  o = config.optim
+  lr_fn = optim.schedule(lr=o.lr, warmup_steps=o.warmup_steps, total_steps=config.total_steps,
+                         decay=o.decay)
+  tx = optim.adam(lr_schedule=lr_fn, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
+                  grad_clip=o.grad_clip)
+  return TokenizerTask(
+      tok=tok, tx=tx, lr_fn=lr_fn, loss=LossSettings(**config.loss),
+      disc=DiscSettings(**config.disc),
+      ema_decay=config.ema_decay, input_cfg=config.input, batch_size=config.batch_size,
+      eval_batch_size=config.eval_batch_size, seed=config.seed, eval_ema=config.eval_ema,
+      export_ema=config.export_ema, vfm_record=vfm_record(config.vfm))
+
+
+def loop_settings(config) -> loop.LoopSettings:
+  return loop.LoopSettings(
+      total_steps=config.total_steps, seed=config.seed, log_every=config.log_every,
+      eval_every=config.eval_every, ckpt_every=config.ckpt_every, keep_last=config.keep_last,
+      keep_every=config.keep_every, async_checkpoint=config.async_checkpoint,
+      max_nonfinite_streak=config.max_nonfinite_streak,
+      max_steps_per_run=config.max_steps_per_run)
+
+
+def build(config, devices=None, task: TokenizerTask | None = None):
+  """(task, program) of a tokenizer config on a mesh over `devices` (default: all; for an
+  ahead-of-time plan, a topology's devices). `task` overrides the one `config` describes."""
+  mesh = shd.make_mesh(dict(config.mesh), devices)
+  task = task or from_config(config)
+  return task, program_lib.make_program(task, mesh, config.sharding)
+
+
+def train(config, workdir: str, devices=None, task: TokenizerTask | None = None) -> dict:
+  """Trains (resuming from `workdir`); returns the final metrics."""
+  task, program = build(config, devices, task)
+  return loop.run(task, program, workdir, loop_settings(config),
+                  config_json=config.to_json_best_effort(indent=2))

@@ -1,0 +1,1 @@
+"""The training library every trainer shares (see `loop.run` and `task.Task`)."""

@@ -1,0 +1,115 @@
+"""A task's jitted train step with explicit shardings, from shapes alone.
+
+`make_program(task, mesh)` evaluates the task's init, constants and batch abstractly
+(`jax.eval_shape`: no weights read, no device memory touched), derives every sharding from the
+logical axis names and returns the jitted, donating step with its shaped inputs. Training calls
+`program.step`; an ahead-of-time planner calls `program.lower().compile()` on a mesh of a
+topology's devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+from jax.sharding import Mesh, NamedSharding
+
+from vfmtok_jax import orbax_io
+from vfmtok_jax import sharding as shd
+from vfmtok_jax.train import state as state_lib
+from vfmtok_jax.train import task as task_lib
+
+
+@dataclasses.dataclass
+class TrainProgram:
+  """The compiled-to-be step of one task on one mesh."""
+  mesh: Mesh
+  rules: list
+  state_shardings: Any
+  constant_shardings: Any
+  batch_shardings: Any
+  abstract_state: Any        # ShapeDtypeStructs with shardings (also the restore target)
+  abstract_constants: Any
+  abstract_batch: Any
+  _init: Callable
+  _step: Callable
+
+  def context(self):
+    """The mesh and logical-axis rules the task's modules trace under."""
+    return _Context(self.mesh, self.rules)
+
+  def init(self, rng: jax.Array) -> state_lib.TrainState:
+    with self.context():
+      return self._init(rng)
+
+  def step(self, state, constants, batch):
+    """(state, constants, batch) -> (state, metrics); `state` is donated."""
+    with self.context():
+      return self._step(state, constants, batch)
+
+  def lower(self):
+    """`jax.jit(...).lower` on the shaped inputs (then `.compile()`, `.cost_analysis()`)."""
+    with self.context():
+      return self._step.lower(self.abstract_state, self.abstract_constants, self.abstract_batch)
+
+  def jit(self, fn: Callable, **kwargs) -> Callable:
+    """`jax.jit(fn, **kwargs)` whose calls trace under this program's mesh and rules."""
+    jitted = jax.jit(fn, **kwargs)
+
+    def call(*args):
+      with self.context():
+        return jitted(*args)
+    return call
+
+  def batch_sharding(self, ndim: int) -> NamedSharding:
+    return shd.batch_sharding(self.mesh, ndim)
+
+
+class _Context:
+
+  def __init__(self, mesh, rules):
+    self._mesh, self._rules = mesh, rules
+    self._rules_cm = None
+
+  def __enter__(self):
+    self._mesh.__enter__()
+    self._rules_cm = nn.logical_axis_rules(self._rules)
+    self._rules_cm.__enter__()
+
+  def __exit__(self, *exc):
+    self._rules_cm.__exit__(*exc)
+    self._mesh.__exit__(*exc)
+
+
+def make_program(task: task_lib.Task, mesh: Mesh, preset: str) -> TrainProgram:
+  """Shardings, abstract inputs and the jitted (donating, guarded) step of `task` on `mesh`.
+
+  Args:
+    task: the trainer's task.
+    mesh: a (data, fsdp, tensor) mesh (`sharding.make_mesh`), real or of a topology's devices.
+    preset: the sharding preset (`sharding.PRESETS`).
+  """
+  rules = shd.rules(preset, *task.rule_families)
+  batch = dict(task.batch_shapes())
+  for name, spec in batch.items():
+    shd.check_batch(spec.shape[0], mesh)
+  batch_shardings = {k: shd.batch_sharding(mesh, v.ndim) for k, v in batch.items()}
+
+  with mesh, nn.logical_axis_rules(rules):
+    boxed_state = jax.eval_shape(task.init_state, jax.random.PRNGKey(0))
+  state_shardings = shd.param_shardings(boxed_state, mesh, rules)
+  boxed_consts = task.abstract_constants()
+  const_shardings = shd.param_shardings(boxed_consts, mesh, rules)
+
+  abstract_state = orbax_io.abstract(nn.unbox(boxed_state), state_shardings)
+  abstract_consts = orbax_io.abstract(nn.unbox(boxed_consts), const_shardings)
+  abstract_batch = orbax_io.abstract(batch, batch_shardings)
+
+  init = jax.jit(lambda rng: nn.unbox(task.init_state(rng)), out_shardings=state_shardings)
+  step = jax.jit(state_lib.guard_nonfinite(task.train_step),
+                 in_shardings=(state_shardings, const_shardings, batch_shardings),
+                 out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=(0,))
+  return TrainProgram(mesh, rules, state_shardings, const_shardings, batch_shardings,
+                      abstract_state, abstract_consts, abstract_batch, init, step)
