@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
 
 import flax.linen as nn
 import jax
