@@ -85,6 +85,24 @@ def _run_record(workdir, program, init_params):
                   equivalence.updates(params[0], params[1])]
 
 
+def test_late_process_does_not_time_out_the_first_collective():
+  """The CI failure of a 2-process run: one process compiled >30 s later than the other, whose
+  first collective then timed out in gloo. Compiled steps wait at a barrier instead. (Run with
+  `plain` instead of `synced`, the same script fails with "Gloo context initialization
+  failed".)"""
+  port = _free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "tests.skewed_compile", "synced"], cwd=ROOT,
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      env=_env(2, VFMTOK_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+               JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i), VFMTOK_CPU_COLLECTIVES="gloo"))
+           for i in range(2)]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+    assert "sum=22.0" in out, out[-3000:]  # [0, 1] from process 0 + [10, 11] from process 1
+
+
 def test_two_processes_match_one(tmp_path):
   vfm = tiny_training.golden_vfm_file(tmp_path)
   # Two processes x 4 devices: 2 steps, stop (checkpoint), restart and finish at step 4.

@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import os
 
+from absl import flags
 import jax
+from orbax.checkpoint import multihost
+
+# Orbax's barriers default to a collective (gloo on CPU), whose first use waits only 30 s for
+# the other processes; the coordination-service barrier takes a timeout.
+_ORBAX_DISTRIBUTED_BARRIER = "experimental_orbax_use_distributed_barrier"
 
 
 def initialize_from_env(env=None) -> bool:
@@ -36,4 +42,18 @@ def initialize_from_env(env=None) -> bool:
     raise ValueError("set all of JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID "
                      f"(got {sorted(partial)})")
   jax.distributed.initialize(**kwargs)
+  if _ORBAX_DISTRIBUTED_BARRIER in flags.FLAGS:
+    flags.FLAGS[_ORBAX_DISTRIBUTED_BARRIER].value = True
   return True
+
+
+def barrier(name: str, timeout_s: int = 1200) -> None:
+  """Blocks until every process reached `barrier(name)` (a no-op for one process).
+
+  Uses the coordination service, not a collective: CPU collectives (gloo) give up after 30 s
+  when one process arrives that much later than another (e.g. still compiling).
+  """
+  if jax.process_count() == 1:
+    return
+  multihost.sync_global_processes(name, timeout=timeout_s,
+                                  processes=set(range(jax.process_count())))

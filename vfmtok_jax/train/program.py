@@ -10,12 +10,14 @@ topology's devices.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 from jax.sharding import Mesh, NamedSharding
 
+from vfmtok_jax import distributed
 from vfmtok_jax import orbax_io
 from vfmtok_jax import sharding as shd
 from vfmtok_jax.train import state as state_lib
@@ -40,14 +42,18 @@ class TrainProgram:
     """The mesh and logical-axis rules the task's modules trace under."""
     return _Context(self.mesh, self.rules)
 
+  def __post_init__(self):
+    self._synced_init = _CompiledInLockstep(self._init, "init")
+    self._synced_step = _CompiledInLockstep(self._step, "train_step")
+
   def init(self, rng: jax.Array) -> state_lib.TrainState:
     with self.context():
-      return self._init(rng)
+      return self._synced_init(rng)
 
   def step(self, state, constants, batch):
     """(state, constants, batch) -> (state, metrics); `state` is donated."""
     with self.context():
-      return self._step(state, constants, batch)
+      return self._synced_step(state, constants, batch)
 
   def lower(self):
     """`jax.jit(...).lower` on the shaped inputs (then `.compile()`, `.cost_analysis()`)."""
@@ -56,15 +62,44 @@ class TrainProgram:
 
   def jit(self, fn: Callable, **kwargs) -> Callable:
     """`jax.jit(fn, **kwargs)` whose calls trace under this program's mesh and rules."""
-    jitted = jax.jit(fn, **kwargs)
+    synced = _CompiledInLockstep(jax.jit(fn, **kwargs), getattr(fn, "__name__", "fn"))
 
     def call(*args):
       with self.context():
-        return jitted(*args)
+        return synced(*args)
     return call
 
   def batch_sharding(self, ndim: int) -> NamedSharding:
     return shd.batch_sharding(self.mesh, ndim)
+
+
+# Every process compiles the same functions in the same order, so this count names the same
+# barrier on each.
+_COMPILATIONS = itertools.count()
+
+
+class _CompiledInLockstep:
+  """A jitted function that, with several processes, compiles each new input signature and
+  waits for every process to finish compiling it before the first run.
+
+  Without this, a process that compiles faster enters the program's first collective alone,
+  and CPU collectives (gloo) give up after 30 s. With one process it is the jitted function.
+  """
+
+  def __init__(self, jitted: Callable, name: str):
+    self._jitted, self._name = jitted, name
+    self._compiled: dict[Any, Any] = {}
+
+  def __call__(self, *args):
+    if jax.process_count() == 1:
+      return self._jitted(*args)
+    leaves, treedef = jax.tree.flatten(args)
+    key = (treedef, tuple((getattr(x, "shape", None), getattr(x, "dtype", type(x)),
+                           getattr(x, "sharding", None)) for x in leaves))
+    if key not in self._compiled:
+      self._compiled[key] = self._jitted.lower(*args).compile()
+      distributed.barrier(f"vfmtok_compiled_{next(_COMPILATIONS)}_{self._name}")
+    return self._compiled[key](*args)
 
 
 class _Context:
