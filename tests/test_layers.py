@@ -9,7 +9,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "vfmtok_jax"
 # Bottom to top; a module may import from its own layer and the ones before it.
 LAYERS = (
     ("vfmtok_jax.ops", "vfmtok_jax.sharding", "vfmtok_jax.orbax_io", "vfmtok_jax.weights",
-     "vfmtok_jax.distributed"),
+     "vfmtok_jax.distributed", "vfmtok_jax.compilation_cache"),
     ("vfmtok_jax.models",),
     ("vfmtok_jax.vfm_zoo", "vfmtok_jax.vfmtok", "vfmtok_jax.tokenizer_io"),
     ("vfmtok_jax.losses", "vfmtok_jax.data"),

@@ -106,6 +106,22 @@ def test_shardings_come_from_shapes_and_the_step_lowers():
   assert compiled.cost_analysis()["flops"] > 0
 
 
+def test_matmul_precision_reaches_the_traced_step():
+  mesh = shd.make_mesh(dict(data=2, fsdp=4, tensor=1))
+  def dot_precisions(precision):
+    text = program_lib.make_program(ToyTask(), mesh, "fsdp",
+                                    matmul_precision=precision).lower().as_text()
+    dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
+    assert len(dots) >= 2  # forward and backward
+    return {line.split("precision = ")[1].split("]")[0] + "]" if "precision = " in line else None
+            for line in dots}
+  assert dot_precisions("float32") == {"[HIGHEST, HIGHEST]"}
+  assert dot_precisions("tensorfloat32") == {"[HIGH, HIGH]"}
+  assert dot_precisions("default") == dot_precisions(None) == {"[DEFAULT, DEFAULT]"}
+  with pytest.raises(ValueError, match="matmul_precision 'tf32'"):
+    program_lib.make_program(ToyTask(), mesh, "fsdp", matmul_precision="tf32")
+
+
 def test_trains_logs_evaluates_exports(tmp_path):
   task = ToyTask()
   final = loop.run(task, _program(task), str(tmp_path), _settings(), config_json='{"a": 1}')

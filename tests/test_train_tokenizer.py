@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,7 +47,7 @@ def _run_steps(config, devices, n, *, task=None, duplicate_half=False):
   """Per-step losses and per-step param updates of `n` steps from the seed's init."""
   task, program = tokenizer_task.build(config, devices, task)
   consts = jax.device_put(task.load_constants(), program.constant_shardings)
-  state = program.init(jax.random.PRNGKey(config.seed))
+  state = task.init_from_data(program, program.init(jax.random.PRNGKey(config.seed)), consts)
   losses, deltas = [], []
   for batch in _batches(config, n, program.batch_shardings["image"],
                         duplicate_half=duplicate_half):
@@ -164,8 +165,11 @@ def test_outputs_logs_images_export(tmp_path):
   assert last["loss"] == pytest.approx(last["loss_rec"] + last["loss_vq"] + last["loss_commit"]
                                        + last["loss_semantic"], rel=1e-5)
   assert last["eta_sec"] == 0 and train_lines[0]["eta_sec"] > 0
+  # Dead-code restarts (window 2) are counted, and never-used codes at each eval.
+  assert last["codebook_restarted_total"] >= last["codebook_restarted"] > 0
   evals = {l["step"]: l for l in lines if "eval_psnr" in l}
   assert set(evals) == {0, 2, 4}
+  assert evals[4]["eval_codebook_unused"] == 64 * (1 - evals[4]["eval_codebook_usage"])
   assert 0 < evals[4]["eval_codebook_usage"] <= 1
   assert 1 <= evals[4]["eval_codebook_perplexity"] <= 64
   assert sorted(os.listdir(run / "images")) == ["recon_000000.png", "recon_000002.png",
@@ -197,7 +201,11 @@ def _with_nan_batches(config, steps):
 
 
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
+  # k-means reads the first batches too: NaN ones make it refuse to start.
   cfg = tiny_training.tiny_config(tmp_path)
+  with pytest.raises(FloatingPointError, match="kmeans_init: the encoder outputs of the first 8"):
+    tokenizer_task.train(cfg, str(tmp_path / "kmeans"), task=_with_nan_batches(cfg, {2}))
+  cfg = tiny_training.tiny_config(tmp_path, **{"codebook.kmeans_init": False})
   final = tokenizer_task.train(cfg, str(tmp_path / "one"), task=_with_nan_batches(cfg, {2}))
   assert final["nonfinite_total"] == 1 and np.isfinite(final["loss"])
   lines = [json.loads(l) for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
@@ -206,7 +214,8 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
   # The skipped step changed no parameter: its param norm is the one after step 1.
   assert by_step[2]["param_norm"] == by_step[1]["param_norm"]
   assert by_step[3]["param_norm"] != by_step[2]["param_norm"]
-  cfg = tiny_training.tiny_config(tmp_path, total_steps=6, max_nonfinite_streak=1)
+  cfg = tiny_training.tiny_config(tmp_path, total_steps=6, max_nonfinite_streak=1,
+                                  **{"codebook.kmeans_init": False})
   with pytest.raises(loop.NonFiniteError, match="2 consecutive non-finite"):
     tokenizer_task.train(cfg, str(tmp_path / "many"), task=_with_nan_batches(cfg, {3, 4, 5}))
   with ckpt_lib.Checkpointer(str(tmp_path / "many" / "ckpt"), save_every=2) as ckpt:
@@ -289,6 +298,32 @@ def test_mismatched_checkpoint_fails_before_writing(tmp_path):
   assert after == before
 
 
+def test_discriminator_and_restart_state_live_side_by_side(tmp_path):
+  """Shapes only (no DINO weights offline): both keep their state through a step."""
+  cfg = tiny_training.tiny_config(tmp_path, **{"disc.enabled": True})
+  task = tokenizer_task.from_config(cfg)
+  state = nn.unbox(jax.eval_shape(task.init_state, jax.random.PRNGKey(0)))
+  assert set(state.extra) == {"code_age", "codes_restarted", "disc_params", "disc_opt_state",
+                              "disc_spectral"}
+  new, metrics, _ = jax.eval_shape(task.train_step, state, nn.unbox(task.abstract_constants()),
+                                   dict(task.batch_shapes()))
+  assert jax.tree.structure(new) == jax.tree.structure(state)
+  assert {"loss_disc", "codebook_restarted", "codebook_restarted_total"} <= set(metrics)
+
+
+@pytest.mark.parametrize("encoder_init", ["copies", "independent"])
+def test_encoder_layers_and_projectors_start_as_copies(tmp_path, encoder_init):
+  cfg = tiny_training.tiny_config(tmp_path, encoder_init=encoder_init,
+                                  **{"model.encoder_depth": 2})
+  task = tokenizer_task.from_config(cfg)
+  enc = jax.jit(lambda k: nn.unbox(task.init_state(k)).params)(
+      jax.random.PRNGKey(0))["encode_transformer"]
+  same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(enc[a]),
+                                                                 jax.tree.leaves(enc[b])))
+  pairs = [("layers_0", "layers_1")] + [("projectors_0", f"projectors_{i}") for i in (1, 2, 3)]
+  assert [same(a, b) for a, b in pairs] == [encoder_init == "copies"] * 4
+
+
 def test_clear_errors(tmp_path):
   with pytest.raises(shd.MeshError, match="does not divide 8 devices"):
     tokenizer_task.build(tiny_training.tiny_config(tmp_path, mesh=dict(data=3, fsdp=-1,
@@ -302,6 +337,13 @@ def test_clear_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="lpips_vgg16.safetensors"):
     tokenizer_task.train(cfg, str(tmp_path / "lpips"))
   assert not os.path.exists(tmp_path / "lpips" / "config.json")
+  with pytest.raises(ValueError, match="codebook.kmeans_batches=1 gives 32 encoder outputs"):
+    tokenizer_task.from_config(tiny_training.tiny_config(tmp_path,
+                                                         **{"codebook.kmeans_batches": 1}))
+  with pytest.raises(ValueError, match="encoder_init 'copy'"):
+    tokenizer_task.from_config(tiny_training.tiny_config(tmp_path, encoder_init="copy"))
+  with pytest.raises(ValueError, match="matmul_precision 'tf32'"):
+    tokenizer_task.build(tiny_training.tiny_config(tmp_path, matmul_precision="tf32"))
   with pytest.raises(ValueError, match="nosuchset"):
     tokenizer_task.train(tiny_training.tiny_config(
         tmp_path, **{"input.dataset": "tfds:nosuchset"}), str(tmp_path / "x"))

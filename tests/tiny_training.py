@@ -46,6 +46,8 @@ def tiny_config(directory, *, total_steps=4, **top):
   c.eval_every = 0
   c.ckpt_every = 2
   c.keep_last = 10
+  # The demo's codebook remedies, with a window short enough to restart codes in a few steps.
+  c.codebook.update(kmeans_init=True, kmeans_batches=8, restart_window=2)
   for k, v in top.items():
     node = c
     *path, last = k.split(".")

@@ -5,7 +5,8 @@ r"""Train the VFMTok tokenizer.
       --config.vfm.source=dinov2_vitl14_reg4_pretrain.pth \
       --config.input.data_dir=gs://bucket/tfds --workdir gs://bucket/runs/vfmtok
 
-Re-running with the same workdir resumes from its latest complete checkpoint. Multi-host:
+Re-running with the same workdir resumes from its latest complete checkpoint; compiled steps
+are kept in a persistent cache (--compilation_cache, 'off' to disable). Multi-host:
 set VFMTOK_DISTRIBUTED=1 (launch/ scripts do) and, off TPU, JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES and JAX_PROCESS_ID.
 """
@@ -23,18 +24,24 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from vfmtok_jax import compilation_cache
 from vfmtok_jax import distributed
 from vfmtok_jax.tasks import tokenizer as tokenizer_task
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/tokenizer.py:VARIANT",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, logs and images go")
+_CACHE = flags.DEFINE_string(
+    "compilation_cache", None, "JAX persistent compilation cache directory (default "
+    "~/.cache/vfmtok_jax/jax, or $JAX_COMPILATION_CACHE_DIR when set); 'off' disables it")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   distributed.initialize_from_env()
+  cache = compilation_cache.enable(_CACHE.value)
+  logging.info("compilation cache: %s", cache or "off")
   final = tokenizer_task.train(_CONFIG.value, _WORKDIR.value)
   logging.info("finished: %s", final)
 

@@ -126,3 +126,15 @@ class RegionEncoder(nn.Module):
                                  name=f"layers_{i}")(s, pos, ref, value, spatial_shapes)
       self.sow("intermediates", "layer_out", s)
     return s
+
+
+def identical_copies(params: dict) -> dict:
+  """Encoder params with every `layers_i` equal to `layers_0` and every `projectors_i` equal to
+  `projectors_0`: the reference deep-copies one layer and one projector, so its encoder starts
+  from identical copies (spec 3.5). Leaves may be boxed (`nn.LogicallyPartitioned`)."""
+  out = dict(params)
+  for prefix in ("layers_", "projectors_"):
+    for name in params:
+      if name.startswith(prefix) and name != prefix + "0":
+        out[name] = params[prefix + "0"]
+  return out

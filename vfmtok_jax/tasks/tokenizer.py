@@ -24,12 +24,15 @@ from vfmtok_jax import sharding as shd
 from vfmtok_jax import tokenizer_io
 from vfmtok_jax import vfm_zoo
 from vfmtok_jax import vfmtok
+from vfmtok_jax.ops import codebook as codebook_ops
 from vfmtok_jax.data import images as image_io
 from vfmtok_jax.data import input_pipeline
 from vfmtok_jax.losses import gan as gan_losses
 from vfmtok_jax.losses import lpips as lpips_lib
 from vfmtok_jax.losses import tokenizer_losses as losses
 from vfmtok_jax.models import dino_disc
+from vfmtok_jax.models import quantizer as quantizer_lib
+from vfmtok_jax.models import region_encoder
 from vfmtok_jax.models import tokenizer as tokenizer_lib
 from vfmtok_jax.train import loop
 from vfmtok_jax.train import optim
@@ -62,6 +65,45 @@ class DiscSettings:
   grad_clip: float = 1.0
 
 
+# "copies": the encoder's layers and level projectors start identical (the reference's deep
+# copies); "independent": each drawn on its own.
+ENCODER_INITS = ("copies", "independent")
+
+
+@dataclasses.dataclass(frozen=True)
+class CodebookSettings:
+  """Codebook health (all off = the reference's behaviour).
+
+  kmeans_init: on a fresh run, set the codebook to spherical k-means centroids of the
+    normalised encoder outputs of the first `kmeans_batches` global batches (`kmeans_iters`
+    Lloyd iterations, all devices and processes together).
+  restart_window: > 0 re-seeds, inside the step, every code no global batch chose for that
+    many steps from the batch's encoder outputs plus Gaussian noise of std `restart_noise`
+    (the code's age is part of the checkpointed state).
+  """
+  kmeans_init: bool = False
+  kmeans_batches: int = 4
+  kmeans_iters: int = 10
+  restart_window: int = 0
+  restart_noise: float = 0.01
+
+  def check(self, *, tokens_per_batch: int, codebook_size: int):
+    if self.kmeans_init:
+      for key in ("kmeans_batches", "kmeans_iters"):
+        if getattr(self, key) < 1:
+          raise ValueError(f"codebook.{key}={getattr(self, key)} must be >= 1")
+      points = self.kmeans_batches * tokens_per_batch
+      if points < codebook_size:
+        raise ValueError(
+            f"codebook.kmeans_batches={self.kmeans_batches} gives {points} encoder outputs "
+            f"({tokens_per_batch} per batch), fewer than the {codebook_size} codes to seed; "
+            f"use at least {-(-codebook_size // tokens_per_batch)} batches")
+    if self.restart_window < 0:
+      raise ValueError(f"codebook.restart_window={self.restart_window} must be >= 0 (0: off)")
+    if self.restart_noise < 0:
+      raise ValueError(f"codebook.restart_noise={self.restart_noise} must be >= 0")
+
+
 def _fetch(x) -> np.ndarray:
   """A global (possibly multi-process) array as one numpy array on every process."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
@@ -75,11 +117,18 @@ class TokenizerTask(task_lib.Task):
   rule_families = ("tokenizer",)
 
   def __init__(self, *, tok: vfmtok.VFMTok, tx: optax.GradientTransformation,
-               lr_fn: optax.Schedule, loss: LossSettings, disc: DiscSettings, ema_decay: float,
+               lr_fn: optax.Schedule, loss: LossSettings, disc: DiscSettings,
+               codebook: CodebookSettings, encoder_init: str, ema_decay: float,
                input_cfg: ml_collections.ConfigDict, batch_size: int, eval_batch_size: int,
                seed: int, eval_ema: bool, export_ema: bool, vfm_record: dict):
     self.tok, self.model, self.tx, self.lr_fn = tok, tok.model, tx, lr_fn
     self.loss, self.disc_cfg, self.ema_decay = loss, disc, ema_decay
+    self.codebook = codebook
+    if encoder_init not in ENCODER_INITS:
+      raise ValueError(f"encoder_init {encoder_init!r}: expected one of {ENCODER_INITS}")
+    self.encoder_init = encoder_init
+    codebook.check(tokens_per_batch=batch_size * self.model.num_queries,
+                   codebook_size=self.model.codebook_size)
     self.input_cfg, self.batch_size, self.eval_batch_size = input_cfg, batch_size, eval_batch_size
     self.seed, self.eval_ema, self.export_ema = seed, eval_ema, export_ema
     self.vfm_record = vfm_record
@@ -151,11 +200,17 @@ class TokenizerTask(task_lib.Task):
     init_rng, state_rng, disc_rng = jax.random.split(rng, 3)
     dummy = [jnp.zeros((1,) + s) for s in self._feature_shapes]
     params = self.model.init(init_rng, dummy, self._grids, train=False)["params"]
+    if self.encoder_init == "copies":
+      params = {**params, "encode_transformer": region_encoder.identical_copies(
+          params["encode_transformer"])}
     extra = {}
+    if self.codebook.restart_window:
+      extra["code_age"] = jnp.zeros((self.model.codebook_size,), jnp.int32)
+      extra["codes_restarted"] = jnp.zeros((), jnp.int32)
     if self.disc is not None:
       heads, spectral = dino_disc.init_heads(self.disc, disc_rng)
-      extra = {"disc_params": heads, "disc_opt_state": self.disc_tx.init(heads),
-               "disc_spectral": spectral}
+      extra.update(disc_params=heads, disc_opt_state=self.disc_tx.init(heads),
+                   disc_spectral=spectral)
     return state_lib.new_state(params, self.tx.init(params), state_rng, extra)
 
   # -- the step ---------------------------------------------------------------------------------
@@ -165,7 +220,9 @@ class TokenizerTask(task_lib.Task):
                                  train=True, rng=rng)
 
   def generator_loss(self, params, state, consts, images, gan_weight, rngs):
-    """(total, (terms, codebook stats, recon, spectral state after the G pass)).
+    """(total, (terms, codebook stats, recon, spectral state after the G pass, codes)).
+
+    codes: {"indices" (B, n), "latents" (B, n, e) normalised pre-quantisation vectors}.
 
     images: (B, H, W, 3) in [-1, 1]; rngs: (dropout, LPIPS dropout, discriminator) keys.
     """
@@ -195,7 +252,9 @@ class TokenizerTask(task_lib.Task):
       terms["loss_gan_g"], weights["loss_gan_g"] = gan_losses.softplus_g_loss(logits), gan_weight
     total = sum(weights[k] * v for k, v in terms.items())
     stats = {k: out[k] for k in ("codebook_usage", "codebook_perplexity", "codebook_max_ratio")}
-    return total, (terms, stats, recon, spectral)
+    codes = {"indices": out["indices"],
+             "latents": quantizer_lib.l2_normalize(jax.lax.stop_gradient(out["z"]))}
+    return total, (terms, stats, recon, spectral, codes)
 
   def _disc_step(self, state, consts, images, fake, spectral, gan_weight, rng):
     """The hinge step of the discriminator heads on the detached reconstruction."""
@@ -219,29 +278,86 @@ class TokenizerTask(task_lib.Task):
   def train_step(self, state, constants, batch):
     rng = jax.random.fold_in(state.rng, state.step)
     drop_rng, lpips_rng, g_rng, d_rng = jax.random.split(rng, 4)
+    restart_rng = jax.random.fold_in(rng, _RESTART_STREAM)
     images = batch["image"]
     gan_weight = 0.0
     if self.disc is not None:
       gan_weight = gan_losses.disc_weight(state.step + 1, disc_start=self.disc_cfg.start,
                                           weight=self.disc_cfg.weight)
-    (loss, (terms, stats, recon, spectral)), grads = jax.value_and_grad(
+    (loss, (terms, stats, recon, spectral, codes)), grads = jax.value_and_grad(
         self.generator_loss, has_aux=True)(state.params, state, constants, images, gan_weight,
                                             (drop_rng, lpips_rng, g_rng))
     grad_norm = state_lib.global_norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    new = state.replace(params=params, opt_state=opt_state,
-                        ema_params=optim.ema_update(state.ema_params, params, self.ema_decay))
+    ema_params = optim.ema_update(state.ema_params, params, self.ema_decay)
     metrics = {"loss": loss, **terms, **stats, "grad_norm": grad_norm,
                "lr": self.lr_fn(state.step)}
+    extra = dict(state.extra)
+    if self.codebook.restart_window:
+      params, ema_params, extra, restart_metrics = self._restart_dead_codes(
+          params, ema_params, extra, codes, restart_rng)
+      metrics.update(restart_metrics)
+    new = state.replace(params=params, opt_state=opt_state, ema_params=ema_params, extra=extra)
     if self.disc is not None:
-      extra, d_metrics, d_ok = self._disc_step(state, constants, images,
-                                               jax.lax.stop_gradient(recon), spectral,
-                                               gan_weight, d_rng)
-      new, ok = new.replace(extra=extra), ok & d_ok
+      d_extra, d_metrics, d_ok = self._disc_step(state, constants, images,
+                                                 jax.lax.stop_gradient(recon), spectral,
+                                                 gan_weight, d_rng)
+      new, ok = new.replace(extra={**extra, **d_extra}), ok & d_ok
       metrics.update(d_metrics)
     return new, metrics, ok
+
+  def _restart_dead_codes(self, params, ema_params, extra, codes, rng):
+    """Ages the codes on this global batch and re-seeds the dead ones (params and EMA)."""
+    cb, size = self.codebook, self.model.codebook_size
+    age = codebook_ops.code_age(extra["code_age"], codes["indices"], size)
+    embedding, age, dead = codebook_ops.restart_dead_codes(
+        params["slot_quantize"]["embedding"], age, codes["latents"], cb.restart_window,
+        cb.restart_noise, rng)
+    ema_embedding = jnp.where(dead[:, None], embedding, ema_params["slot_quantize"]["embedding"])
+    restarted = dead.sum().astype(jnp.int32)
+    total = extra["codes_restarted"] + restarted
+    extra = {**extra, "code_age": age, "codes_restarted": total}
+    return _with_embedding(params, embedding), _with_embedding(ema_params, ema_embedding), extra, {
+        "codebook_restarted": restarted.astype(jnp.float32),
+        "codebook_restarted_total": total.astype(jnp.float32)}
+
+  def init_from_data(self, program, state, constants):
+    """k-means codebook init (`codebook.kmeans_init`) on the first training batches."""
+    cb = self.codebook
+    if not cb.kmeans_init:
+      return state
+    batches = self.train_iterator(0, program.batch_shardings)
+    try:
+      images = [next(batches)["image"] for _ in range(cb.kmeans_batches)]
+    finally:
+      getattr(batches, "close", lambda: None)()
+    latents_fn = program.jit(self._latents)
+    latents = [latents_fn(state.params, constants["vfm"], im) for im in images]
+    seed_fn = program.jit(self._kmeans_into_state, out_shardings=program.state_shardings,
+                          donate_argnums=(0,))
+    state = seed_fn(state, latents)
+    if not bool(jnp.isfinite(state.params["slot_quantize"]["embedding"]).all()):
+      raise FloatingPointError(
+          f"codebook.kmeans_init: the encoder outputs of the first {cb.kmeans_batches} batches "
+          "are not all finite, so neither are the k-means centroids")
+    return state
+
+  def _latents(self, params, vfm_params, images):
+    feats = self.tok.features(vfm_params, images)
+    enc = self.model.apply({"params": params}, feats["levels"], feats["grids"],
+                           method=tokenizer_lib.VFMTokenizer.encode)
+    return quantizer_lib.l2_normalize(enc["z"])
+
+  def _kmeans_into_state(self, state, latents):
+    e = self.model.code_dim
+    points = jnp.concatenate([x.reshape(-1, e) for x in latents])
+    centroids = codebook_ops.spherical_kmeans(points, self.model.codebook_size,
+                                              self.codebook.kmeans_iters,
+                                              jax.random.fold_in(state.rng, _KMEANS_STREAM))
+    return state.replace(params=_with_embedding(state.params, centroids),
+                         ema_params=_with_embedding(state.ema_params, centroids))
 
   # -- data, evaluation, logs, export ------------------------------------------------------------
 
@@ -283,6 +399,7 @@ class TokenizerTask(task_lib.Task):
     nz = probs[probs > 0]
     result = {"eval_psnr": float(psnr.mean()), "eval_examples": float(len(psnr)),
               "eval_codebook_usage": float((counts > 0).mean()),
+              "eval_codebook_unused": float((counts == 0).sum()),
               "eval_codebook_perplexity": float(np.exp(-(nz * np.log(nz)).sum()))}
     images = {}
     if originals:
@@ -294,13 +411,16 @@ class TokenizerTask(task_lib.Task):
   def eval_line(self, step, metrics):
     return (f"eval step {step}: psnr={metrics['eval_psnr']:.2f} dB "
             f"usage={metrics['eval_codebook_usage']:.3f} "
-            f"perplexity={metrics['eval_codebook_perplexity']:.1f}")
+            f"perplexity={metrics['eval_codebook_perplexity']:.1f} "
+            f"unused={metrics['eval_codebook_unused']:.0f}")
 
   def log_line(self, step, total_steps, metrics, eta):
     terms = " ".join(f"{k[5:]}={metrics[k]:.4f}" for k in sorted(metrics)
                      if k.startswith("loss_"))
+    restarts = (f"restarted={metrics['codebook_restarted_total']:.0f} "
+                if "codebook_restarted_total" in metrics else "")
     return (f"step {step}/{total_steps} loss={metrics['loss']:.4f} {terms} "
-            f"usage={metrics['codebook_usage']:.3f} lr={metrics['lr']:.2e} "
+            f"usage={metrics['codebook_usage']:.3f} {restarts}lr={metrics['lr']:.2e} "
             f"{metrics.get('steps_per_sec', 0.0):.2f} steps/s ETA {eta}")
 
   def export(self, state, workdir):
@@ -309,6 +429,17 @@ class TokenizerTask(task_lib.Task):
     tokenizer_io.save_tokenizer(path, self.model, params, self.vfm_record,
                                 source=f"trained in {workdir} ({int(state.step)} steps)")
     return {"export": path}
+
+
+# Folded into the state's rng / the step's rng: the k-means draw and the restarts, apart from
+# the streams the step already splits (so switching them on changes no other random draw).
+_KMEANS_STREAM = 0x6b6d
+_RESTART_STREAM = 0x7273
+
+
+def _with_embedding(params, embedding):
+  """`params` with the quantizer's codebook replaced."""
+  return {**params, "slot_quantize": {**params["slot_quantize"], "embedding": embedding}}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -350,7 +481,8 @@ def from_config(config, vfm: vfm_zoo.VFM | None = None) -> TokenizerTask:
                   grad_clip=o.grad_clip)
   return TokenizerTask(
       tok=tok, tx=tx, lr_fn=lr_fn, loss=LossSettings(**config.loss),
-      disc=DiscSettings(**config.disc),
+      disc=DiscSettings(**config.disc), codebook=CodebookSettings(**config.codebook),
+      encoder_init=config.encoder_init,
       ema_decay=config.ema_decay, input_cfg=config.input, batch_size=config.batch_size,
       eval_batch_size=config.eval_batch_size, seed=config.seed, eval_ema=config.eval_ema,
       export_ema=config.export_ema, vfm_record=vfm_record(config.vfm))
@@ -370,7 +502,8 @@ def build(config, devices=None, task: TokenizerTask | None = None):
   ahead-of-time plan, a topology's devices). `task` overrides the one `config` describes."""
   mesh = shd.make_mesh(dict(config.mesh), devices)
   task = task or from_config(config)
-  return task, program_lib.make_program(task, mesh, config.sharding)
+  return task, program_lib.make_program(task, mesh, config.sharding,
+                                        matmul_precision=config.matmul_precision)
 
 
 def train(config, workdir: str, devices=None, task: TokenizerTask | None = None) -> dict:

@@ -86,7 +86,7 @@ def run(task: task_lib.Task, program: program_lib.TrainProgram, workdir: str,
       data_position = int(meta["data_position"])
       logging.info("restored step %d from %s", start_step, checkpointer.directory)
     else:
-      state = program.init(jax.random.PRNGKey(s.seed))
+      state = task.init_from_data(program, program.init(jax.random.PRNGKey(s.seed)), constants)
       start_step, data_position = 0, 0
     train_iter = task.train_iterator(data_position, program.batch_shardings)
 

@@ -9,6 +9,7 @@ topology's devices.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 from typing import Any, Callable
@@ -37,10 +38,11 @@ class TrainProgram:
   abstract_batch: Any
   _init: Callable
   _step: Callable
+  matmul_precision: str | None = None  # jax.default_matmul_precision while tracing
 
   def context(self):
     """The mesh and logical-axis rules the task's modules trace under."""
-    return _Context(self.mesh, self.rules)
+    return _Context(self.mesh, self.rules, self.matmul_precision)
 
   def __post_init__(self):
     self._synced_init = _CompiledInLockstep(self._init, "init")
@@ -104,28 +106,40 @@ class _CompiledInLockstep:
 
 class _Context:
 
-  def __init__(self, mesh, rules):
-    self._mesh, self._rules = mesh, rules
-    self._rules_cm = None
+  def __init__(self, mesh, rules, matmul_precision):
+    self._mesh, self._rules, self._precision = mesh, rules, matmul_precision
+    self._stack = None
 
   def __enter__(self):
-    self._mesh.__enter__()
-    self._rules_cm = nn.logical_axis_rules(self._rules)
-    self._rules_cm.__enter__()
+    self._stack = contextlib.ExitStack()
+    self._stack.enter_context(self._mesh)
+    self._stack.enter_context(nn.logical_axis_rules(self._rules))
+    if self._precision is not None:
+      self._stack.enter_context(jax.default_matmul_precision(self._precision))
 
   def __exit__(self, *exc):
-    self._rules_cm.__exit__(*exc)
-    self._mesh.__exit__(*exc)
+    return self._stack.__exit__(*exc)
 
 
-def make_program(task: task_lib.Task, mesh: Mesh, preset: str) -> TrainProgram:
+MATMUL_PRECISIONS = ("default", "bfloat16", "tensorfloat32", "float32")
+
+
+def make_program(task: task_lib.Task, mesh: Mesh, preset: str, *,
+                 matmul_precision: str | None = None) -> TrainProgram:
   """Shardings, abstract inputs and the jitted (donating, guarded) step of `task` on `mesh`.
 
   Args:
     task: the trainer's task.
     mesh: a (data, fsdp, tensor) mesh (`sharding.make_mesh`), real or of a topology's devices.
     preset: the sharding preset (`sharding.PRESETS`).
+    matmul_precision: f32 matmul precision while tracing ("default" / None: the backend's;
+      "bfloat16": one bf16 pass; "tensorfloat32": TF32 on GPU, 3 bf16 passes on TPU;
+      "float32": full precision). Convolutions follow it too.
   """
+  if matmul_precision is not None and matmul_precision not in MATMUL_PRECISIONS:
+    raise ValueError(f"matmul_precision {matmul_precision!r}: expected one of "
+                     f"{MATMUL_PRECISIONS}")
+  precision = None if matmul_precision == "default" else matmul_precision
   rules = shd.rules(preset, *task.rule_families)
   batch = dict(task.batch_shapes())
   for name, spec in batch.items():
@@ -147,4 +161,4 @@ def make_program(task: task_lib.Task, mesh: Mesh, preset: str) -> TrainProgram:
                  in_shardings=(state_shardings, const_shardings, batch_shardings),
                  out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=(0,))
   return TrainProgram(mesh, rules, state_shardings, const_shardings, batch_shardings,
-                      abstract_state, abstract_consts, abstract_batch, init, step)
+                      abstract_state, abstract_consts, abstract_batch, init, step, precision)

@@ -54,6 +54,13 @@ class Task(abc.ABC):
     (non-finite); the loop keeps the old state then and advances the step counter itself.
     """
 
+  def init_from_data(self, program, state: state_lib.TrainState, constants
+                     ) -> state_lib.TrainState:
+    """A fresh state adjusted from data before the first step (e.g. a codebook seeded by
+    k-means); called once per run that starts from scratch, never on resume."""
+    del program, constants
+    return state
+
   @abc.abstractmethod
   def train_iterator(self, start_position: int, batch_shardings) -> Iterator[dict]:
     """Global batches from data position `start_position` (= steps already consumed)."""
