@@ -70,8 +70,10 @@ def get_config(arg=None):
                 semantic_weight=1.0, perceptual_weight=1.0, lpips_path="", lpips_dropout=True)
   # GAN (spec 6.2-6.4): frozen DINO ViT-S/16 + trainable heads, hinge D loss, non-saturating G
   # loss weighted `weight` from step `start` on; the discriminator has its own Adam.
+  # norm_groups: "per_device" (the reference: BatchNormLocal groups and the random crop-or-resize
+  # are drawn on each GPU's batch) or "global" (over the global batch).
   c.disc = dict(enabled=True, dino_path="", start=20_000, weight=0.5, lr=1e-4, b1=0.9, b2=0.95,
-                grad_clip=1.0)
+                grad_clip=1.0, norm_groups="per_device")
 
   # "copies": the encoder's 6 layers and 4 level projectors start as identical copies, as the
   # reference's deep copies do (spec 3.5); "independent": each initialised on its own.

@@ -267,6 +267,39 @@ def test_batchnorm_local_groups():
   np.testing.assert_allclose(y.mean(axis=(0, 1)), 0, atol=1e-6)
 
 
+def test_batchnorm_local_per_device_slices():
+  """Per-device groups = normalising each device's slice on its own (the reference per GPU)."""
+  x = jnp.asarray(np.random.default_rng(5).standard_normal((8, 4, 3)) * 3 + 1, jnp.float32)
+  one = disc_heads.BatchNormLocal()
+  variables = one.init(jax.random.PRNGKey(0), x)
+  variables = jax.tree.map(lambda v: v + jnp.arange(v.shape[0]) * 0.1, variables)
+  per_device = disc_heads.BatchNormLocal(batch_groups=4).apply(variables, x)
+  want = np.concatenate([one.apply(variables, x[i:i + 2]) for i in range(0, 8, 2)])
+  np.testing.assert_allclose(per_device, want, atol=1e-6)
+  assert not np.allclose(one.apply(variables, x), want, atol=1e-3)  # global groups differ
+  with pytest.raises(ValueError, match="per-device slices"):
+    disc_heads.BatchNormLocal(batch_groups=3).init(jax.random.PRNGKey(0), x)
+
+
+def test_random_crop_is_drawn_per_device():
+  x = jnp.asarray(np.random.default_rng(6).uniform(-1, 1, (4, 40, 44, 3)), jnp.float32)
+  rng = jax.random.PRNGKey(1)
+  got = np.asarray(dino_disc.dino_input_per_group(x, 32, 2, mode="random", rng=rng))
+  keys = jax.random.split(rng, 2)
+  want = np.concatenate([dino_disc.dino_input(x[2 * i:2 * i + 2], 32, mode="random",
+                                              rng=keys[i]) for i in range(2)])
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  # Over some keys the two slices take different branches or offsets at least once.
+  differs = False
+  for seed in range(8):
+    twice = jnp.concatenate([x[:2], x[:2]])  # both slices hold the same images
+    out = np.asarray(dino_disc.dino_input_per_group(twice, 32, 2, rng=jax.random.PRNGKey(seed)))
+    differs |= not np.allclose(out[:2], out[2:], atol=1e-6)
+  assert differs
+  np.testing.assert_array_equal(dino_disc.dino_input_per_group(x, 32, 1, rng=rng),
+                                dino_disc.dino_input(x, 32, rng=rng))
+
+
 def test_init_heads_matches_loaded_structure(setup):
   _, model, _, heads, spectral, _ = setup
   h0, s0 = jax.eval_shape(lambda: dino_disc.init_heads(model, jax.random.PRNGKey(0)))

@@ -309,6 +309,15 @@ def test_discriminator_and_restart_state_live_side_by_side(tmp_path):
                                    dict(task.batch_shapes()))
   assert jax.tree.structure(new) == jax.tree.structure(state)
   assert {"loss_disc", "codebook_restarted", "codebook_restarted_total"} <= set(metrics)
+  # The discriminator's norm groups and crops follow the devices the batch is split over.
+  assert task.disc.batch_groups == 8
+  assert tokenizer_task.from_config(cfg, batch_shards=2).disc.batch_groups == 2
+  glob = tiny_training.tiny_config(tmp_path, **{"disc.enabled": True,
+                                                "disc.norm_groups": "global"})
+  assert tokenizer_task.from_config(glob).disc.batch_groups == 1
+  with pytest.raises(ValueError, match="disc.norm_groups 'local'"):
+    tokenizer_task.from_config(tiny_training.tiny_config(
+        tmp_path, **{"disc.enabled": True, "disc.norm_groups": "local"}))
 
 
 @pytest.mark.parametrize("encoder_init", ["copies", "independent"])

@@ -87,6 +87,22 @@ def dino_input(x: jax.Array, size: int = 224, *, mode: str = "random",
                       lambda v: resize_ops.area_or_bicubic(v, size), x)
 
 
+def dino_input_per_group(x: jax.Array, size: int, groups: int, *, mode: str = "random",
+                         rng: jax.Array | None = None,
+                         crop_offset: tuple[int, int] | None = None) -> jax.Array:
+  """`dino_input` drawn separately for each of `groups` contiguous batch slices (key i of
+  `split(rng, groups)` for slice i), as the reference draws its crop on every GPU."""
+  b = x.shape[0]
+  if groups == 1 or rng is None or (mode == "crop" and crop_offset is not None):
+    return dino_input(x, size, mode=mode, rng=rng, crop_offset=crop_offset)
+  if b % groups:
+    raise ValueError(f"batch {b} does not split into {groups} per-device slices")
+  slices = x.reshape(groups, b // groups, *x.shape[1:])
+  out = jax.vmap(lambda v, k: dino_input(v, size, mode=mode, rng=k))(
+      slices, jax.random.split(rng, groups))
+  return out.reshape(b, *out.shape[2:])
+
+
 # ----------------------------------------------------------------------------------------------
 # Frozen DINO ViT.
 # ----------------------------------------------------------------------------------------------
@@ -151,6 +167,7 @@ class DinoDisc(nn.Module):
   kernel_size: int = 9
   virtual_bs: int = 8
   norm_eps: float = 1e-6
+  batch_groups: int = 1        # per-device slices: own norm groups and own random crop each
   dtype: Dtype = jnp.float32   # backbone matmul dtype; heads and losses are float32
 
   @property
@@ -162,13 +179,13 @@ class DinoDisc(nn.Module):
                             self.num_heads, self.mlp_ratio, tuple(self.key_depths), self.ln_eps,
                             self.dtype)
     self.heads = disc_heads.DiscHeads(1 + len(self.key_depths), self.kernel_size,
-                                      self.virtual_bs, self.norm_eps)
+                                      self.virtual_bs, self.norm_eps, self.batch_groups)
 
   def features(self, x: jax.Array, *, rng: jax.Array | None = None, mode: str = "random",
                crop_offset: tuple[int, int] | None = None) -> tuple[jax.Array, ...]:
     """(B, H, W, 3) in [-1, 1] -> 5 readout maps (B, N, D) (see `dino_input` for the modes)."""
-    return self.backbone(dino_input(x, self.img_size, mode=mode, rng=rng,
-                                    crop_offset=crop_offset))
+    return self.backbone(dino_input_per_group(x, self.img_size, self.batch_groups, mode=mode,
+                                              rng=rng, crop_offset=crop_offset))
 
   def head_logits(self, feats: Sequence[jax.Array], *, train: bool) -> jax.Array:
     return self.heads(feats, train=train)
@@ -185,7 +202,7 @@ class DinoDisc(nn.Module):
 def init_heads(model: DinoDisc, rng: jax.Array) -> tuple[Any, Any]:
   """(head params, spectral state) for `model` (PyTorch-default conv init, random u/v)."""
   n, d = model.num_tokens, model.embed_dim
-  feats = [jnp.zeros((1, n, d), jnp.float32)] * (1 + len(model.key_depths))
+  feats = [jnp.zeros((model.batch_groups, n, d), jnp.float32)] * (1 + len(model.key_depths))
   variables = nn.unbox(model.init(rng, feats, train=False, method=DinoDisc.head_logits))
   return variables["params"]["heads"], variables["spectral"]
 

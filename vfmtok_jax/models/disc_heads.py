@@ -70,18 +70,26 @@ class BatchNormLocal(nn.Module):
   """Ghost batch norm: ceil(B / virtual_bs) groups of B / G samples, stats over (group, tokens).
 
   No running statistics (train = eval). Like the reference `view`, B must divide into G groups.
+  `batch_groups` > 1 first splits the batch into that many contiguous slices (the per-device
+  batches, as the reference normalises each GPU's batch alone) and groups within each slice.
   """
   virtual_bs: int = 8
   epsilon: float = 1e-6
+  batch_groups: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: (B, L, C) -> (B, L, C) float32."""
     b, l, c = x.shape
-    g = -(-b // self.virtual_bs)
-    if b % g:
-      raise ValueError(f"BatchNormLocal: batch {b} does not split into {g} equal groups "
+    if b % self.batch_groups:
+      raise ValueError(f"BatchNormLocal: batch {b} does not split into {self.batch_groups} "
+                       "per-device slices")
+    local = b // self.batch_groups
+    g = -(-local // self.virtual_bs)
+    if local % g:
+      raise ValueError(f"BatchNormLocal: batch {local} does not split into {g} equal groups "
                        f"(virtual_bs={self.virtual_bs})")
+    g *= self.batch_groups
     xg = x.astype(jnp.float32).reshape(g, b // g, l, c)
     mean = xg.mean(axis=(1, 2), keepdims=True)
     var = jnp.square(xg - mean).mean(axis=(1, 2), keepdims=True)
@@ -98,6 +106,7 @@ class DiscHead(nn.Module):
   kernel_size: int = 9
   virtual_bs: int = 8
   norm_eps: float = 1e-6
+  batch_groups: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array, *, update: bool) -> jax.Array:
@@ -105,7 +114,8 @@ class DiscHead(nn.Module):
 
     def block(h, k, name):
       h = SNConv1d(c, k, k // 2, name=f"{name}_conv")(h, update=update)
-      h = BatchNormLocal(self.virtual_bs, self.norm_eps, name=f"{name}_norm")(h)
+      h = BatchNormLocal(self.virtual_bs, self.norm_eps, self.batch_groups,
+                         name=f"{name}_norm")(h)
       return nn.leaky_relu(h, 0.2)
 
     h = block(x, 1, "block")
@@ -119,11 +129,13 @@ class DiscHeads(nn.Module):
   kernel_size: int = 9
   virtual_bs: int = 8
   norm_eps: float = 1e-6
+  batch_groups: int = 1
 
   @nn.compact
   def __call__(self, feats: Sequence[jax.Array], *, train: bool) -> jax.Array:
     if len(feats) != self.num_maps:
       raise ValueError(f"expected {self.num_maps} feature maps, got {len(feats)}")
     return jnp.concatenate([
-        DiscHead(self.kernel_size, self.virtual_bs, self.norm_eps, name=f"head_{i}")(
+        DiscHead(self.kernel_size, self.virtual_bs, self.norm_eps, self.batch_groups,
+                 name=f"head_{i}")(
             f, update=train) for i, f in enumerate(feats)], axis=1)

@@ -63,7 +63,12 @@ class DiscSettings:
   b1: float = 0.9
   b2: float = 0.95
   grad_clip: float = 1.0
+  # "per_device": each device's slice of the batch has its own BatchNormLocal groups and its own
+  # random crop-or-resize, as the reference's per-GPU batches; "global": over the global batch.
+  norm_groups: str = "per_device"
 
+
+NORM_GROUPS = ("per_device", "global")
 
 # "copies": the encoder's layers and level projectors start identical (the reference's deep
 # copies); "independent": each drawn on its own.
@@ -120,7 +125,8 @@ class TokenizerTask(task_lib.Task):
                lr_fn: optax.Schedule, loss: LossSettings, disc: DiscSettings,
                codebook: CodebookSettings, encoder_init: str, ema_decay: float,
                input_cfg: ml_collections.ConfigDict, batch_size: int, eval_batch_size: int,
-               seed: int, eval_ema: bool, export_ema: bool, vfm_record: dict):
+               seed: int, eval_ema: bool, export_ema: bool, vfm_record: dict,
+               batch_shards: int = 1):
     self.tok, self.model, self.tx, self.lr_fn = tok, tok.model, tx, lr_fn
     self.loss, self.disc_cfg, self.ema_decay = loss, disc, ema_decay
     self.codebook = codebook
@@ -134,7 +140,10 @@ class TokenizerTask(task_lib.Task):
     self.vfm_record = vfm_record
     self.semantic = loss.semantic_weight > 0
     self.lpips = lpips_lib.LPIPS() if loss.perceptual_weight > 0 else None
-    self.disc = dino_disc.DinoDisc() if disc.enabled else None
+    if disc.norm_groups not in NORM_GROUPS:
+      raise ValueError(f"disc.norm_groups {disc.norm_groups!r}: expected one of {NORM_GROUPS}")
+    groups = batch_shards if disc.norm_groups == "per_device" else 1
+    self.disc = dino_disc.DinoDisc(batch_groups=groups) if disc.enabled else None
     self.disc_tx = None
     if self.disc is not None:
       self.disc_tx = optim.adam(lr_schedule=optax.constant_schedule(disc.lr), b1=disc.b1,
@@ -454,8 +463,15 @@ def vfm_record(vfm_cfg) -> dict:
   return record
 
 
-def from_config(config, vfm: vfm_zoo.VFM | None = None) -> TokenizerTask:
-  """The task of a tokenizer config; loads the frozen VFM from `config.vfm` unless given."""
+def from_config(config, vfm: vfm_zoo.VFM | None = None, *,
+                batch_shards: int | None = None) -> TokenizerTask:
+  """The task of a tokenizer config; loads the frozen VFM from `config.vfm` unless given.
+
+  batch_shards: devices the batch is split over (the discriminator's per-device groups);
+    None: those of `config.mesh` over all devices.
+  """
+  if batch_shards is None:
+    batch_shards = _batch_shards(shd.make_mesh(dict(config.mesh)))
   model = tokenizer_lib.VFMTokenizer(**tokenizer_io.model_kwargs(config.model))
   if model.image_size != config.image_size:
     raise ValueError(f"image_size {config.image_size} but the model decodes "
@@ -485,7 +501,13 @@ def from_config(config, vfm: vfm_zoo.VFM | None = None) -> TokenizerTask:
       encoder_init=config.encoder_init,
       ema_decay=config.ema_decay, input_cfg=config.input, batch_size=config.batch_size,
       eval_batch_size=config.eval_batch_size, seed=config.seed, eval_ema=config.eval_ema,
-      export_ema=config.export_ema, vfm_record=vfm_record(config.vfm))
+      export_ema=config.export_ema, vfm_record=vfm_record(config.vfm),
+      batch_shards=batch_shards)
+
+
+def _batch_shards(mesh) -> int:
+  """Devices a batch is split over (`sharding.batch_sharding`: the data and fsdp axes)."""
+  return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
 def loop_settings(config) -> loop.LoopSettings:
@@ -501,7 +523,7 @@ def build(config, devices=None, task: TokenizerTask | None = None):
   """(task, program) of a tokenizer config on a mesh over `devices` (default: all; for an
   ahead-of-time plan, a topology's devices). `task` overrides the one `config` describes."""
   mesh = shd.make_mesh(dict(config.mesh), devices)
-  task = task or from_config(config)
+  task = task or from_config(config, batch_shards=_batch_shards(mesh))
   return task, program_lib.make_program(task, mesh, config.sharding,
                                         matmul_precision=config.matmul_precision)
 
