@@ -8,7 +8,9 @@ and loaded with `vfm_zoo.load_dinov2_hf_folder`. Both frameworks get the same co
 process is pinned to `--threads` cores (sched_setaffinity, before jax/torch start their pools;
 XLA's CPU pool follows the affinity) and torch.set_num_threads(--threads). Reports the median
 wall time of `--runs` calls after `--warmup` calls (jax and torch calls alternate, so background
-load affects both alike), and the max abs difference of the outputs.
+load affects both alike), and the max abs difference of the outputs. The same rounds also time
+our forward with bf16 compute (its cosine to f32 reported) and 2048^3 f32 / bf16 matmuls: the
+machine's peaks, against which the forward's FLOPs from the cost analysis are set.
 """
 
 from __future__ import annotations
@@ -83,9 +85,27 @@ def main(argv):
   x_jax = jax.device_put(jnp.asarray(x.transpose(0, 2, 3, 1)))
   forward = jax.jit(lambda p, im: model.apply({"params": p}, im, levels=(depth - 1,))
                     ["last_hidden_state"])
+  bf16_model = model.clone(dtype=jnp.bfloat16)  # bf16 compute; f32 params, softmax and norms
+  forward_bf16 = jax.jit(lambda p, im: bf16_model.apply({"params": p}, im, levels=(depth - 1,))
+                         ["last_hidden_state"].astype(jnp.float32))
+  n = 2048
+  a32 = jnp.asarray(np.random.default_rng(1).standard_normal((n, n)), jnp.float32)
+  a16 = a32.astype(jnp.bfloat16)
+  mm32 = jax.jit(lambda a: a @ a)
+  mm16 = jax.jit(lambda a: jnp.matmul(a, a, preferred_element_type=jnp.float32))
+  flops = forward.lower(params, x_jax).compile().cost_analysis()["flops"]
 
   def run_jax():
     return forward(params, x_jax).block_until_ready()
+
+  def run_jax_bf16():
+    return forward_bf16(params, x_jax).block_until_ready()
+
+  def run_peak_f32():
+    return mm32(a32).block_until_ready()
+
+  def run_peak_bf16():
+    return mm16(a16).block_until_ready()
 
   def run_torch():
     with torch.inference_mode():
@@ -95,10 +115,18 @@ def main(argv):
   first = run_jax()
   compile_s = time.perf_counter() - start  # trace + compile + one run
   diff = float(np.abs(np.asarray(first) - run_torch().numpy()).max())
+  a, b = np.asarray(first).reshape(-1, dim), np.asarray(run_jax_bf16()).reshape(-1, dim)
+  cosine = float(np.min(np.sum(a * b, -1) / np.linalg.norm(a, axis=-1) /
+                        np.linalg.norm(b, axis=-1)))
   load_before = os.getloadavg()[0]
-  t_jax, t_torch = _time_interleaved([run_jax, run_torch], _WARMUP.value, _RUNS.value)
+  t_jax, t_torch, t_bf16, t_p32, t_p16 = _time_interleaved(
+      [run_jax, run_torch, run_jax_bf16, run_peak_f32, run_peak_bf16], _WARMUP.value,
+      _RUNS.value)
   load_after = os.getloadavg()[0]
   m_jax, m_torch = statistics.median(t_jax), statistics.median(t_torch)
+  m_bf16 = statistics.median(t_bf16)
+  peak32 = 2 * n ** 3 / statistics.median(t_p32) / 1e6  # GFLOP/s (times are in ms)
+  peak16 = 2 * n ** 3 / statistics.median(t_p16) / 1e6
 
   print(f"DINOv2 ViT-{_VARIANT.value}/14 (width {dim}, depth {depth}, heads {heads}), batch "
         f"{_BATCH.value}, {_SIZE.value} px ({(_SIZE.value // 14) ** 2} patches), float32")
@@ -115,6 +143,14 @@ def main(argv):
         f"[{', '.join(f'{t:.0f}' for t in t_torch)}]")
   print(f"ratio torch / jax: {m_torch / m_jax:.2f}x  ({'jax' if m_jax < m_torch else 'torch'} "
         "faster)")
+  print(f"jax bf16 compute:                  median {m_bf16:8.1f} ms  "
+        f"[{', '.join(f'{t:.0f}' for t in t_bf16)}]; torch f32 / jax bf16 "
+        f"{m_torch / m_bf16:.2f}x; min cosine to jax f32 per token {cosine:.5f}")
+  print(f"{flops / 1e9:.0f} GFLOP per forward (cost analysis): jax f32 "
+        f"{flops / m_jax / 1e6:.0f} GFLOP/s = {100 * flops / m_jax / 1e6 / peak32:.0f} % of the "
+        f"f32 matmul peak {peak32:.0f} GFLOP/s; bf16 {flops / m_bf16 / 1e6:.0f} GFLOP/s = "
+        f"{100 * flops / m_bf16 / 1e6 / peak16:.0f} % of the bf16 peak {peak16:.0f} GFLOP/s "
+        f"({n}^3 matmuls timed in the same rounds)")
 
 
 if __name__ == "__main__":
