@@ -24,7 +24,12 @@ def logical(init: Initializer, axes: Sequence[str | None]) -> Initializer:
 
 
 class Dense(nn.Module):
-  """`y = x @ kernel (+ bias)`; kernel (in, out) stored f32, matmul in `dtype`."""
+  """`y = x @ kernel (+ bias)`; kernel (in, out) stored f32, matmul inputs in `dtype`.
+
+  The product accumulates in float32 (`preferred_element_type`) and is cast to `dtype` after the
+  bias: on TPU that is what the MXU does anyway; on XLA:CPU a bf16-output dot runs at a fraction
+  of the speed of a bf16 x bf16 -> f32 one.
+  """
   features: int
   use_bias: bool = True
   kernel_axes: tuple[str | None, str | None] = ("embed", "mlp")
@@ -36,12 +41,13 @@ class Dense(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param("kernel", logical(self.kernel_init, self.kernel_axes),
                         (x.shape[-1], self.features), jnp.float32)
-    y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype))
+    y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype),
+                   preferred_element_type=jnp.float32)
     if self.use_bias:
       bias = self.param("bias", logical(self.bias_init, self.kernel_axes[1:]),
                         (self.features,), jnp.float32)
-      y = y + bias.astype(self.dtype)
-    return y
+      y = y + bias
+    return y.astype(self.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -91,7 +97,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   if dropout_rate > 0.0 and dropout_rng is not None:
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
     probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
-  return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dtype), v.astype(dtype))
+  return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dtype), v.astype(dtype),
+                    preferred_element_type=jnp.float32).astype(dtype)
 
 
 def gelu_exact(x: jax.Array) -> jax.Array:

@@ -37,8 +37,9 @@ class Conv(nn.Module):
     pad = (k - 1) // 2
     y = jax.lax.conv_general_dilated(x.astype(self.dtype), kernel.astype(self.dtype), (1, 1),
                                      ((pad, pad), (pad, pad)),
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return y + bias.astype(self.dtype)
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                     preferred_element_type=jnp.float32)
+    return (y + bias).astype(self.dtype)
 
 
 class GroupNorm(nn.Module):

@@ -116,9 +116,9 @@ class PatchEmbed(nn.Module):
                         (p, p, x.shape[-1], self.embed_dim), jnp.float32)
     y = jax.lax.conv_general_dilated(
         x.astype(self.dtype), kernel.astype(self.dtype), (p, p), "VALID",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.float32)
     if self.use_bias:
       bias = self.param("bias", layers.logical(nn.initializers.zeros, ("embed",)),
                         (self.embed_dim,), jnp.float32)
-      y = y + bias.astype(self.dtype)
-    return y
+      y = y + bias
+    return y.astype(self.dtype)
