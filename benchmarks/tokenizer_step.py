@@ -74,7 +74,7 @@ def main():
   for dtype in args.dtypes.split(","):
     cfg = config(dtype)
     task = tokenizer_task.from_config(cfg, vfm=vfm)
-    vfm = vfm or task.tok.vfm  # read the ONNX file once; from_config re-casts the compute dtype
+    vfm = vfm or task.tok.vfm  # read the ONNX file once; from_config sets each dtype
     task, program = tokenizer_task.build(cfg, devices, task)
     consts = jax.device_put(task.load_constants(), program.constant_shardings)
     batches = [jax.device_put(b, program.batch_shardings) for b in host_batches]
@@ -83,9 +83,7 @@ def main():
     step_compile = time.perf_counter() - start
 
     def forward(params, vfm_params, images, task=task):
-      feats = task.tok.features(vfm_params, images)
-      enc = task.model.apply({"params": params}, feats["levels"], feats["grids"],
-                             method=tokenizer_lib.VFMTokenizer.encode)
+      enc = task._encode(params, vfm_params, images)  # pylint: disable=protected-access
       return task.model.apply({"params": params}, enc["indices"],
                               method=tokenizer_lib.VFMTokenizer.decode_indices)
     state = program.init(jax.random.PRNGKey(0))

@@ -353,11 +353,13 @@ class TokenizerTask(task_lib.Task):
           "are not all finite, so neither are the k-means centroids")
     return state
 
-  def _latents(self, params, vfm_params, images):
+  def _encode(self, params, vfm_params, images):
     feats = self.tok.features(vfm_params, images)
-    enc = self.model.apply({"params": params}, feats["levels"], feats["grids"],
-                           method=tokenizer_lib.VFMTokenizer.encode)
-    return quantizer_lib.l2_normalize(enc["z"])
+    return self.model.apply({"params": params}, feats["levels"], feats["grids"],
+                            method=tokenizer_lib.VFMTokenizer.encode)
+
+  def _latents(self, params, vfm_params, images):
+    return quantizer_lib.l2_normalize(self._encode(params, vfm_params, images)["z"])
 
   def _kmeans_into_state(self, state, latents):
     e = self.model.code_dim
@@ -376,9 +378,7 @@ class TokenizerTask(task_lib.Task):
         start_step=start_position, sharding=batch_shardings["image"])
 
   def _eval_step(self, params, vfm_params, images):
-    feats = self.tok.features(vfm_params, images)
-    enc = self.model.apply({"params": params}, feats["levels"], feats["grids"],
-                           method=tokenizer_lib.VFMTokenizer.encode)
+    enc = self._encode(params, vfm_params, images)
     recon = self.model.apply({"params": params}, enc["indices"],
                              method=tokenizer_lib.VFMTokenizer.decode_indices)
     return {"recon": recon, "indices": enc["indices"], "psnr": losses.psnr(images, recon)}
@@ -485,8 +485,8 @@ def from_config(config, vfm: vfm_zoo.VFM | None = None, *,
     vfm = vfm_zoo.load_vfm(config.vfm.source, **kwargs)
   if config.vfm.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"vfm.dtype {config.vfm.dtype!r}: expected float32 or bfloat16")
-  if config.vfm.dtype != "float32":  # compute dtype only; the params stay float32
-    vfm = dataclasses.replace(vfm, module=vfm.module.clone(dtype=getattr(jnp, config.vfm.dtype)))
+  # The compute dtype only (the params stay float32); also resets a given VFM's.
+  vfm = dataclasses.replace(vfm, module=vfm.module.clone(dtype=getattr(jnp, config.vfm.dtype)))
   size = config.vfm.size
   tok = vfmtok.VFMTok(vfm, model, None, tuple(config.vfm.levels), (size, size) if size else None,
                       config.vfm.resize)
