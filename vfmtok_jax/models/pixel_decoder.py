@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from vfmtok_jax.models import layers
+from vfmtok_jax.ops import conv
 
 Dtype = Any
 
@@ -34,11 +35,7 @@ class Conv(nn.Module):
                         (k, k, x.shape[-1], self.features), jnp.float32)
     bias = self.param("bias", layers.logical(layers.torch_default_bias_init(fan_in), ("conv_out",)),
                       (self.features,), jnp.float32)
-    pad = (k - 1) // 2
-    y = jax.lax.conv_general_dilated(x.astype(self.dtype), kernel.astype(self.dtype), (1, 1),
-                                     ((pad, pad), (pad, pad)),
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                     preferred_element_type=jnp.float32)
+    y = conv.conv2d_same(x.astype(self.dtype), kernel.astype(self.dtype))
     return (y + bias).astype(self.dtype)
 
 
