@@ -75,6 +75,14 @@ def get_config(arg=None):
   c.disc = dict(enabled=True, dino_path="", start=20_000, weight=0.5, lr=1e-4, b1=0.9, b2=0.95,
                 grad_clip=1.0, norm_groups="per_device")
 
+  # Start from a reference training checkpoint (`vq_train.py`'s .pt: model, ema, optimizer,
+  # discriminator, optimizer_disc), as `--vq-ckpt PATH --finetune` does: weights and EMA (a copy
+  # of the weights when the file has no ema), Adam's moments and step, the discriminator's heads
+  # and Adam when present; every tensor is checked against this config's model; training starts
+  # at step 0 (the lr warm-up again). Only on a fresh workdir; a workdir with a checkpoint
+  # resumes from it. "" = from scratch.
+  c.init_from = ""
+
   # "copies": the encoder's 6 layers and 4 level projectors start as identical copies, as the
   # reference's deep copies do (spec 3.5); "independent": each initialised on its own.
   c.encoder_init = "copies"

@@ -84,10 +84,21 @@ def tokenizer_from_state(state: Mapping[str, np.ndarray], *, source: str, **over
   state = tokenizer_keys.without_backbone(state)
   model = tokenizer_lib.VFMTokenizer(
       **tokenizer_keys.infer_config(state, source=source, **overrides))
-  expected = expected_params(model)
-  params = trees.assemble(expected, tokenizer_keys.mapping_for(expected), state, source=source,
-                          ignore=tokenizer_keys.DROPPED_KEYS)
-  return model, params
+  return model, params_from_state(state, expected_params(model), source=source)
+
+
+def params_from_state(state: Mapping[str, np.ndarray], expected, *, source: str) -> dict:
+  """A Flax param tree shaped like `expected` from official-layout tensors.
+
+  `state` is a tokenizer state dict (backbone keys and the unused `codebook_used` buffer are
+  skipped) or anything laid out like one, e.g. Adam moments named after the parameters.
+
+  Raises:
+    WeightLoadError: listing every missing, unexpected and mis-shaped tensor.
+  """
+  state = tokenizer_keys.without_backbone(state)
+  return trees.assemble(expected, tokenizer_keys.mapping_for(expected), state, source=source,
+                        ignore=tokenizer_keys.DROPPED_KEYS)
 
 
 def load_tokenizer(path: str, *, vfm_source: str | None = None) -> vfmtok.VFMTok:

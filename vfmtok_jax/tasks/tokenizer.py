@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from absl import logging
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -39,6 +41,7 @@ from vfmtok_jax.train import optim
 from vfmtok_jax.train import program as program_lib
 from vfmtok_jax.train import state as state_lib
 from vfmtok_jax.train import task as task_lib
+from vfmtok_jax.weights import training_checkpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +129,7 @@ class TokenizerTask(task_lib.Task):
                codebook: CodebookSettings, encoder_init: str, ema_decay: float,
                input_cfg: ml_collections.ConfigDict, batch_size: int, eval_batch_size: int,
                seed: int, eval_ema: bool, export_ema: bool, vfm_record: dict,
-               batch_shards: int = 1):
+               batch_shards: int = 1, init_from: str = ""):
     self.tok, self.model, self.tx, self.lr_fn = tok, tok.model, tx, lr_fn
     self.loss, self.disc_cfg, self.ema_decay = loss, disc, ema_decay
     self.codebook = codebook
@@ -135,6 +138,10 @@ class TokenizerTask(task_lib.Task):
     self.encoder_init = encoder_init
     codebook.check(tokens_per_batch=batch_size * self.model.num_queries,
                    codebook_size=self.model.codebook_size)
+    if init_from and codebook.kmeans_init:
+      raise ValueError(f"init_from={init_from!r} and codebook.kmeans_init=True: k-means would "
+                       "replace the checkpoint's codebook; switch one off")
+    self.init_from = init_from
     self.input_cfg, self.batch_size, self.eval_batch_size = input_cfg, batch_size, eval_batch_size
     self.seed, self.eval_ema, self.export_ema = seed, eval_ema, export_ema
     self.vfm_record = vfm_record
@@ -333,7 +340,10 @@ class TokenizerTask(task_lib.Task):
         "codebook_restarted_total": total.astype(jnp.float32)}
 
   def init_from_data(self, program, state, constants):
-    """k-means codebook init (`codebook.kmeans_init`) on the first training batches."""
+    """A reference training checkpoint (`init_from`), or the k-means codebook init
+    (`codebook.kmeans_init`) on the first training batches."""
+    if self.init_from:
+      return self._from_training_checkpoint(state)
     cb = self.codebook
     if not cb.kmeans_init:
       return state
@@ -352,6 +362,65 @@ class TokenizerTask(task_lib.Task):
           f"codebook.kmeans_init: the encoder outputs of the first {cb.kmeans_batches} batches "
           "are not all finite, so neither are the k-means centroids")
     return state
+
+  def _from_training_checkpoint(self, state):
+    """`state` with the weights, EMA, Adam and discriminator states of the reference training
+    checkpoint `init_from`, as `vq_train.py --vq-ckpt PATH --finetune` starts: step 0 (the lr
+    warm-up starts again), Adam's moments and bias-correction step carried on."""
+    path = self.init_from
+    ck = training_checkpoint.read_training_checkpoint(path)
+    expected = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state.params)
+
+    def tree(flat, what):
+      return tokenizer_io.params_from_state(flat, expected, source=f"{path} [{what}]")
+    params = tree(ck.model, "model")
+    used = [f"model ({len(ck.model)} tensors)"]
+    if ck.ema is not None:
+      ema = tree(ck.ema, "ema")
+      used.append("ema")
+    else:
+      ema = params
+      used.append("no ema entry: the EMA starts as a copy of the weights")
+    opt_state = state.opt_state
+    if ck.optimizer is not None:
+      opt = ck.optimizer
+      opt_state = _with_adam_state(opt_state, tree(opt.exp_avg, "optimizer exp_avg"),
+                                   tree(opt.exp_avg_sq, "optimizer exp_avg_sq"), opt.step)
+      used.append(f"optimizer (Adam at step {opt.step})")
+    else:
+      used.append("no optimizer entry: Adam starts fresh")
+    extra = dict(state.extra)
+    if self.disc is None:
+      if ck.discriminator is not None:
+        used.append("discriminator not used (disc.enabled is False)")
+    elif ck.discriminator is None:
+      used.append("no discriminator entry: the heads start fresh")
+    else:
+      heads, spectral = gan_losses.heads_from_torch_state(ck.discriminator, self.disc,
+                                                          source=f"{path} [discriminator]")
+      extra.update(disc_params=heads, disc_spectral=spectral)
+      used.append(f"discriminator ({len(ck.discriminator)} tensors)")
+      if ck.optimizer_disc is not None:
+        opt = ck.optimizer_disc
+
+        def heads_tree(moments, what):  # the u/v vectors only complete the mapping
+          return gan_losses.heads_from_torch_state({**ck.discriminator, **moments}, self.disc,
+                                                   source=f"{path} [{what}]")[0]
+        extra["disc_opt_state"] = _with_adam_state(
+            extra["disc_opt_state"], heads_tree(opt.exp_avg, "optimizer_disc exp_avg"),
+            heads_tree(opt.exp_avg_sq, "optimizer_disc exp_avg_sq"), opt.step)
+        used.append(f"optimizer_disc (Adam at step {opt.step})")
+      else:
+        used.append("no optimizer_disc entry: the discriminator's Adam starts fresh")
+    new = state.replace(params=params, ema_params=ema, opt_state=opt_state, extra=extra)
+    new = jax.tree.map(lambda v, old: _placed_like(v, old) if isinstance(v, np.ndarray) else v,
+                       new, state)
+    steps = "" if ck.steps is None else f", trained {ck.steps} steps"
+    line = f"initialised from {path}{steps}: " + "; ".join(used) + "; training starts at step 0"
+    logging.info(line)
+    if jax.process_index() == 0:
+      print(line, flush=True)
+    return new
 
   def _encode(self, params, vfm_params, images):
     feats = self.tok.features(vfm_params, images)
@@ -446,6 +515,31 @@ _KMEANS_STREAM = 0x6b6d
 _RESTART_STREAM = 0x7273
 
 
+def _with_adam_state(opt_state, mu, nu, count: int):
+  """`opt_state` with its one Adam state's moments and step replaced."""
+  found = []
+
+  def visit(node):
+    if isinstance(node, optax.ScaleByAdamState):
+      found.append(node)
+      return node._replace(count=np.asarray(count, node.count.dtype), mu=mu, nu=nu)
+    if isinstance(node, tuple) and not hasattr(node, "_fields"):
+      return tuple(visit(n) for n in node)
+    return node
+  out = visit(opt_state)
+  if len(found) != 1:
+    raise ValueError(f"expected one Adam state in the optimizer state, found {len(found)}")
+  return out
+
+
+def _placed_like(value: np.ndarray, like: jax.Array) -> jax.Array:
+  """`value` as a global array with `like`'s shape, dtype and sharding (any process count)."""
+  value = np.asarray(value, like.dtype)
+  if value.shape != like.shape:
+    raise ValueError(f"shape {value.shape} where the state has {like.shape}")
+  return jax.make_array_from_callback(like.shape, like.sharding, lambda index: value[index])
+
+
 def _with_embedding(params, embedding):
   """`params` with the quantizer's codebook replaced."""
   return {**params, "slot_quantize": {**params["slot_quantize"], "embedding": embedding}}
@@ -502,7 +596,7 @@ def from_config(config, vfm: vfm_zoo.VFM | None = None, *,
       ema_decay=config.ema_decay, input_cfg=config.input, batch_size=config.batch_size,
       eval_batch_size=config.eval_batch_size, seed=config.seed, eval_ema=config.eval_ema,
       export_ema=config.export_ema, vfm_record=vfm_record(config.vfm),
-      batch_shards=batch_shards)
+      batch_shards=batch_shards, init_from=config.init_from)
 
 
 def _batch_shards(mesh) -> int:

@@ -52,7 +52,7 @@ class WeightLoadError(ValueError):
     super().__init__("\n".join(lines))
 
 
-def _torch():
+def torch_module():
   """torch, imported on first use: it is optional (needed only for torch checkpoint files)."""
   import torch  # pylint: disable=g-import-not-at-top
   return torch
@@ -69,7 +69,7 @@ def load_torch_file(path: str) -> Any:
   """
   if not os.path.isfile(path):
     raise WeightLoadError(path, other=["no such file"])
-  torch = _torch()
+  torch = torch_module()
   try:
     with torch.serialization.safe_globals(list(TORCH_SAFE_GLOBALS)):
       return torch.load(path, map_location="cpu", weights_only=True)
@@ -80,8 +80,8 @@ def load_torch_file(path: str) -> Any:
         "only tensors, plain containers and argparse.Namespace load"]) from e
 
 
-def _torch_to_numpy(value) -> np.ndarray:
-  if value.dtype == _torch().bfloat16:
+def torch_to_numpy(value) -> np.ndarray:
+  if value.dtype == torch_module().bfloat16:
     value = value.float()
   return value.detach().cpu().numpy()
 
@@ -115,7 +115,7 @@ def read_state_dict(path: str, *, subkey: str | None = None,
     except Exception as e:
       raise WeightLoadError(path, other=[f"not a readable .npz file ({e})"]) from e
   if ext in TORCH_EXTENSIONS:
-    obj, tensor = load_torch_file(path), _torch().Tensor
+    obj, tensor = load_torch_file(path), torch_module().Tensor
     if not isinstance(obj, Mapping):
       raise WeightLoadError(path, other=[f"expected a dict of tensors, got {type(obj).__name__}"])
     if subkey is None and not all(isinstance(v, tensor) for v in obj.values()):
@@ -131,7 +131,7 @@ def read_state_dict(path: str, *, subkey: str | None = None,
     out, bad = {}, []
     for k, v in obj.items():
       if isinstance(v, tensor):
-        out[k] = _torch_to_numpy(v)
+        out[k] = torch_to_numpy(v)
       else:
         bad.append(f"{k}: not a tensor ({type(v).__name__})")
     if bad:
