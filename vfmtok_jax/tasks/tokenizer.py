@@ -13,7 +13,6 @@ import dataclasses
 import os
 
 from absl import logging
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
