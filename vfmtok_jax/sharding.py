@@ -39,6 +39,13 @@ MODEL_RULES = {
         "fsdp_tp": _TOKENIZER_FSDP + (("mlp", "tensor"), ("heads_merged", "tensor"),
                                       ("qkv", "tensor")),
     },
+    # The GPT: the layer axis (`layers`, from nn.scan) and the class table stay replicated.
+    "gpt": {
+        "dp": (),
+        "fsdp": (("embed", "fsdp"),),
+        "fsdp_tp": (("embed", "fsdp"), ("mlp", "tensor"), ("heads_merged", "tensor"),
+                    ("kv_merged", "tensor"), ("vocab", "tensor")),
+    },
 }
 
 

@@ -1,0 +1,262 @@
+"""The GPT against the official goldens and an independent PyTorch oracle; weights; configs."""
+
+import argparse
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from configs import gpt as gpt_configs
+from vfmtok_jax import gpt_io
+from vfmtok_jax.models import gpt as gpt_lib
+from vfmtok_jax.models import rope
+from vfmtok_jax.ops import sampling
+from vfmtok_jax.tasks import sampler
+from vfmtok_jax.weights import files
+from vfmtok_jax.weights import gpt as gpt_keys
+from tests import gpt_reference
+
+ROOT = str(pathlib.Path(__file__).resolve().parents[1])
+# Logits are O(10); f32 reorderings between torch and XLA leave ~1e-5.
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def golden(fixtures_dir):
+  state = load_file(str(fixtures_dir / "gpt.safetensors"))
+  with np.load(fixtures_dir / "gpt_io.npz") as f:
+    io = {k: f[k] for k in f.files}
+  model, params = gpt_io.gpt_from_state(state, source="golden", num_heads=4, block_size=16)
+  return model, params, io, state
+
+
+def test_rope_table_matches_reference(golden):
+  _, _, io, _ = golden
+  np.testing.assert_allclose(rope.rope_2d_table(16, 16), io["freqs_cis"], atol=1e-6)
+  assert not rope.rope_2d_table(16, 16)[0].any()  # the class row is zero
+
+
+def test_teacher_forced_logits_and_loss_match_golden(golden):
+  model, params, io, _ = golden
+  tokens = jnp.asarray(io["tokens"])
+  logits, cache = model.apply({"params": params}, tokens[:, :-1], jnp.asarray(io["cls_ids"]))
+  assert cache is None and logits.dtype == jnp.float32
+  np.testing.assert_allclose(logits, io["tf_logits"], atol=ATOL, rtol=0)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, tokens).mean()
+  np.testing.assert_allclose(float(loss), float(io["tf_loss"]), atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", [1.0, 2.0])
+def test_greedy_kv_cache_generation_matches_golden(golden, cfg):
+  model, params, io, _ = golden
+  tokens, logits = sampler.generate(model, params, io["cls_ids"], jax.random.PRNGKey(0),
+                                    sampler.SamplingSettings(cfg_scale=cfg, top_k=1),
+                                    return_logits=True)
+  name = f"gen_cfg{int(cfg)}"
+  np.testing.assert_array_equal(tokens, io[f"{name}_tokens"])
+  np.testing.assert_allclose(logits, io[f"{name}_step_logits"], atol=ATOL, rtol=0)
+
+
+# A second fixture set made here by the oracle: grouped KV heads, the FFN multiplier, a 8 x 8
+# grid and another seed (the golden README's variant B shapes, with GQA added).
+ORACLE = dict(dim=96, n_layer=2, n_head=6, n_kv_head=2, vocab_size=256, block_size=64,
+              num_classes=10, multiple_of=32, ffn_dim_multiplier=1.3)
+
+
+@pytest.fixture(scope="module")
+def oracle():
+  torch.manual_seed(3)
+  ref = gpt_reference.GPT(**ORACLE)
+  with torch.no_grad():
+    for p in ref.parameters():  # no degenerate norms; a non-zero head
+      p.add_(torch.randn_like(p) * 0.3)
+  ref.eval()
+  state = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
+  model, params = gpt_io.gpt_from_state(state, source="oracle", num_heads=6, block_size=64)
+  return ref, model, params
+
+
+def test_oracle_config_is_inferred(oracle):
+  _, model, params = oracle
+  assert (model.num_kv_heads, model.ffn_hidden, model.num_layers) == (2, 352, 2)
+  assert gpt_lib.num_params(params) == sum(p.numel() for p in oracle[0].parameters())
+
+
+def test_teacher_forcing_matches_oracle(oracle):
+  ref, model, params = oracle
+  gen = torch.Generator().manual_seed(5)
+  labels = torch.randint(0, 11, (3,), generator=gen)  # includes the null class sometimes
+  tokens = torch.randint(0, 256, (3, 64), generator=gen)
+  with torch.no_grad():
+    want = ref(tokens[:, :-1], labels).numpy()
+  got, _ = model.apply({"params": params}, jnp.asarray(tokens[:, :-1].numpy()),
+                       jnp.asarray(labels.numpy()))
+  np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("cfg,interval", [(1.0, -1), (3.0, -1), (3.0, 5)])
+def test_greedy_generation_matches_oracle(oracle, cfg, interval):
+  ref, model, params = oracle
+  labels = np.array([1, 7, 7, 2])
+  want_tokens, want_logits = gpt_reference.generate_greedy(ref, torch.tensor(labels), cfg,
+                                                           interval)
+  tokens, logits = sampler.generate(
+      model, params, labels, jax.random.PRNGKey(0),
+      sampler.SamplingSettings(cfg_scale=cfg, cfg_interval=interval, top_k=1),
+      return_logits=True)
+  np.testing.assert_array_equal(tokens, want_tokens.numpy())
+  np.testing.assert_allclose(logits, want_logits.numpy(), atol=ATOL, rtol=0)
+
+
+def test_kv_cache_decoding_equals_full_forward(oracle):
+  """Greedy tokens are the argmax of a no-cache forward over the generated sequence."""
+  _, model, params = oracle
+  labels = jnp.array([0, 3, 9])
+  tokens, logits = sampler.generate(model, params, labels, jax.random.PRNGKey(0),
+                                    sampler.SamplingSettings(top_k=1), return_logits=True)
+  full, _ = model.apply({"params": params}, tokens[:, :-1], labels)
+  np.testing.assert_allclose(logits, full, atol=ATOL, rtol=0)
+  np.testing.assert_array_equal(tokens, jnp.argmax(full, -1))
+
+
+def test_filters_match_reference_sampler():
+  gen = torch.Generator().manual_seed(0)
+  logits = torch.randn(16, 300, generator=gen) * 3
+  for top_k, top_p, temp in [(0, 0.9, 1.0), (20, 1.0, 0.7), (50, 0.5, 1.3), (1, 1.0, 1.0)]:
+    _, want = gpt_reference.sample(logits.clone(), temp, top_k, top_p)
+    got = sampling.filter_logits(jnp.asarray(logits.numpy()), temperature=temp, top_k=top_k,
+                                 top_p=top_p)
+    np.testing.assert_array_equal(np.isfinite(got), torch.isfinite(want).numpy())
+    kept = np.isfinite(got)
+    np.testing.assert_allclose(np.asarray(got)[kept], want.numpy()[kept], rtol=1e-6)
+
+
+def test_sampling_is_reproducible_and_independent_of_the_batch_split(oracle):
+  _, model, params = oracle
+  settings = sampler.SamplingSettings(cfg_scale=2.0, temperature=1.0, top_k=50, top_p=0.95)
+  labels = np.array([1, 2, 3, 4, 5, 6, 7, 8])
+  key = jax.random.PRNGKey(7)
+  whole, _ = sampler.generate(model, params, labels, key, settings)
+  again, _ = sampler.generate(model, params, labels, key, settings)
+  np.testing.assert_array_equal(whole, again)
+  # Rows 4..7 alone, told their global rows, draw what they drew in the whole batch.
+  half, _ = sampler.generate(model, params, labels[4:], key, settings,
+                             row_ids=jnp.arange(4, 8))
+  np.testing.assert_array_equal(half, whole[4:])
+  # Sharded over 8 devices: the same samples.
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("batch",))
+  sharded = jax.device_put(jnp.asarray(labels), jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec("batch")))
+  on_mesh, _ = sampler.generate(model, params, sharded, key, settings)
+  np.testing.assert_array_equal(on_mesh, whole)
+  other, _ = sampler.generate(model, params, labels, jax.random.PRNGKey(8), settings)
+  assert (np.asarray(other) != np.asarray(whole)).mean() > 0.5
+
+
+def test_cfg_free_skips_the_unconditional_half(oracle):
+  _, model, params = oracle
+  labels = jnp.zeros((8,), jnp.int32)
+
+  def flops(cfg):
+    s = sampler.SamplingSettings(cfg_scale=cfg)
+    scales, guided = sampler.guidance(s, model.block_size)
+    fn = sampler._compiled(model, s.guided, 0, 1.0, False)  # pylint: disable=protected-access
+    lowered = fn.lower(params, labels, jnp.arange(8), jax.random.PRNGKey(0), scales, guided,
+                       jnp.float32(1.0))
+    return lowered.compile().cost_analysis()["flops"]
+  assert flops(1.0) < 0.6 * flops(2.0)
+
+
+def test_guidance_schedule_and_interval():
+  scale, guided = sampler.guidance(sampler.SamplingSettings(cfg_scale=3.0, cfg_interval=2), 8)
+  np.testing.assert_array_equal(guided, [1, 1, 1, 1, 0, 0, 0, 0])
+  scale, guided = sampler.guidance(sampler.SamplingSettings(cfg_scale=3.0,
+                                                            cfg_schedule="linear"), 5)
+  np.testing.assert_allclose(scale, [1.0, 1.5, 2.0, 2.5, 3.0])
+  assert guided.all()
+  _, guided = sampler.guidance(sampler.SamplingSettings(cfg_scale=1.0), 5)
+  assert not guided.any()
+  with pytest.raises(ValueError, match="cfg_schedule"):
+    sampler.SamplingSettings(cfg_schedule="cosine")
+  with pytest.raises(ValueError, match="top_p"):
+    sampler.SamplingSettings(top_p=0.0)
+
+
+# Parameter counts of spec 7.1 (vocab 16384, 1000 classes; GPT-B verified on the reference).
+SPEC_PARAMS_M = {"gpt_b": 110.9, "gpt_l": 342.9, "gpt_xl": 774.7, "gpt_xxl": 1411.0,
+                 "gpt_2b": 2188.4, "gpt_3b": 3096.7}
+
+
+@pytest.mark.parametrize("name", sorted(SPEC_PARAMS_M))
+def test_preset_parameter_counts(name):
+  cfg = gpt_configs.get_config(name).model
+  model = gpt_io.model_from_config(cfg)
+  n = gpt_lib.num_params(gpt_io.expected_params(model))
+  if name == "gpt_b":
+    assert n == 110_888_448
+  assert round(n / 1e6, 1) == SPEC_PARAMS_M[name]
+
+
+def test_loader_names_every_bad_tensor(golden):
+  *_, state = golden
+  bad = dict(state)
+  del bad["layers.1.feed_forward.w3.weight"]
+  bad["layers.0.ffn_norm.weight"] = np.zeros(65, np.float32)
+  bad["extra.weight"] = np.zeros(3, np.float32)
+  with pytest.raises(files.WeightLoadError) as e:
+    gpt_io.gpt_from_state(bad, source="bad.pt", num_heads=4, block_size=16)
+  text = str(e.value)
+  for needle in ("layers.1.feed_forward.w3.weight", "layers.0.ffn_norm.weight", "extra.weight",
+                 "bad.pt"):
+    assert needle in text
+  with pytest.raises(files.WeightLoadError, match="num_heads"):
+    gpt_io.gpt_from_state(state, source="x", num_heads=5, block_size=16)
+  with pytest.raises(files.WeightLoadError, match="square"):
+    gpt_io.gpt_from_state(state, source="x", num_heads=4, block_size=15)
+  # Wrapper prefixes and cache buffers are handled by name.
+  wrapped = {f"_orig_mod.{k}": v for k, v in state.items()}
+  wrapped["_orig_mod.layers.0.attention.kv_cache.k_cache"] = np.zeros((1, 4, 24, 16))
+  _, params = gpt_io.gpt_from_state(wrapped, source="x", num_heads=4, block_size=16)
+  round_trip = gpt_keys.to_reference(params)
+  assert sorted(round_trip) == sorted(state)
+  for k, v in state.items():
+    np.testing.assert_array_equal(round_trip[k], v)
+
+
+def test_convert_cli_reads_a_released_checkpoint(golden, tmp_path):
+  """`convert gpt` on a train_c2i-style .pt ({model, ema, args: Namespace}): EMA converted,
+  heads and grid from --config overrides, and the folder reproduces the golden logits."""
+  model, params, io, state = golden
+  ema = {k: torch.from_numpy(v.copy()) for k, v in state.items()}
+  raw = {k: torch.zeros_like(v) for k, v in ema.items()}  # 'model' differs: ema must be taken
+  src = tmp_path / "c2i.pt"
+  torch.save({"model": raw, "ema": ema, "steps": 10, "optimizer": {},
+              "args": argparse.Namespace(gpt_model="GPT-B")}, src)
+  dst = tmp_path / "gpt"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-m", "vfmtok_jax.convert", "gpt", str(src), str(dst),
+                        "--config.model.num_heads=4", "--config.model.block_size=16",
+                        "--config.model.dtype=float32"],
+                       capture_output=True, text=True, env=env, cwd=ROOT, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "10 classes" in out.stdout and "16 tokens" in out.stdout
+  loaded, loaded_params, meta = gpt_io.load_gpt(str(dst))
+  assert (loaded.num_heads, loaded.block_size, loaded.num_classes) == (4, 16, 10)
+  tokens = jnp.asarray(io["tokens"])
+  logits, _ = loaded.apply({"params": loaded_params}, tokens[:, :-1], jnp.asarray(io["cls_ids"]))
+  np.testing.assert_allclose(logits, io["tf_logits"], atol=ATOL, rtol=0)
+  assert meta["source"] == str(src)
+  # Without the head count the default (GPT-B: 12 heads) cannot split dim 64.
+  bad = subprocess.run([sys.executable, "-m", "vfmtok_jax.convert", "gpt", str(src),
+                        str(tmp_path / "bad")], capture_output=True, text=True, env=env,
+                       cwd=ROOT, check=False)
+  assert bad.returncode != 0 and "num_heads" in bad.stderr
+  assert not (tmp_path / "bad").exists()

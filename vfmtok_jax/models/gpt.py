@@ -1,0 +1,239 @@
+"""LlamaGen's class-conditional GPT (the AR stage of VFMTok), layers under `nn.scan`.
+
+Sequence: `[class token ; image tokens]`. The class token is a row of a (num_classes + 1, dim)
+table whose last row is the null class (CFG); in training each label is replaced by the null
+class with probability `class_dropout`. Pre-norm blocks: `h = x + wo(attn(rms(x)))`,
+`out = h + w2(silu(w1 rms(h)) * w3 rms(h))`, no biases, causal attention with 2D RoPE
+(`models/rope.py`) and optional grouped KV heads; final RMSNorm and an untied output head whose
+logits are float32. Position s predicts image token s (the class token predicts token 0).
+
+One `__call__` serves teacher forcing (no cache: positions from 0) and KV-cache decoding
+(`cache` from `init_cache`, positions from `start`): prefill with the labels alone at start 0,
+then one token per call at start i + 1.
+
+Parameter layout: the layer stack is one scanned module `layers` whose params carry a leading
+(num_layers,) axis (logical name `layers`), so compile time does not grow with depth.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vfmtok_jax.models import layers
+from vfmtok_jax.models import rope as rope_lib
+
+Dtype = Any
+Cache = dict  # {"k", "v"}: (num_layers, B, max_len, num_kv_heads, head_dim) in the compute dtype
+
+
+def find_multiple(n: int, k: int) -> int:
+  return n if n % k == 0 else n + k - n % k
+
+
+def ffn_hidden_dim(dim: int, multiple_of: int = 256, ffn_dim_multiplier: float | None = None
+                   ) -> int:
+  """LlamaGen's SwiGLU width: int(2 * 4 dim / 3), times the multiplier, rounded up."""
+  hidden = int(2 * (4 * dim) / 3)
+  if ffn_dim_multiplier is not None:
+    hidden = int(ffn_dim_multiplier * hidden)
+  return find_multiple(hidden, multiple_of)
+
+
+_normal = nn.initializers.normal(0.02)
+
+
+class RMSNorm(nn.Module):
+  """`x * rsqrt(mean(x^2) + eps)` in float32, cast back to `dtype`, times a weight."""
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    weight = self.param("scale", layers.logical(nn.initializers.ones, ("embed",)),
+                        (x.shape[-1],), jnp.float32)
+    xf = x.astype(jnp.float32)
+    y = (xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), -1, keepdims=True) + self.epsilon))
+    return (y.astype(self.dtype) * weight).astype(self.dtype)
+
+
+def _dense(features, axes, dtype, name):
+  return layers.Dense(features, use_bias=False, kernel_axes=axes, kernel_init=_normal,
+                      dtype=dtype, name=name)
+
+
+class Block(nn.Module):
+  """One transformer block; the carry of the layer scan is the residual stream.
+
+  Call: `(x, layer_cache, rope, mask, start) -> (x, new_layer_cache)` with x (B, S, dim),
+  layer_cache None or {"k", "v"} (B, max_len, kv_heads, head_dim), rope (S, head_dim / 2, 2),
+  mask bool broadcastable to (B, 1, S, keys) and start the cache slot of x's first position.
+  """
+  dim: int
+  num_heads: int
+  num_kv_heads: int
+  ffn_hidden: int
+  norm_eps: float = 1e-5
+  attn_dropout: float = 0.0
+  resid_dropout: float = 0.0
+  ffn_dropout: float = 0.0
+  deterministic: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, layer_cache, rope, mask, start):
+    b, s, _ = x.shape
+    hd = self.dim // self.num_heads
+    groups = self.num_heads // self.num_kv_heads
+    h = RMSNorm(self.norm_eps, self.dtype, name="attention_norm")(x)
+    q = _dense(self.num_heads * hd, ("embed", "heads_merged"), self.dtype, "wq")(h)
+    k = _dense(self.num_kv_heads * hd, ("embed", "kv_merged"), self.dtype, "wk")(h)
+    v = _dense(self.num_kv_heads * hd, ("embed", "kv_merged"), self.dtype, "wv")(h)
+    q = rope_lib.apply_rope(q.reshape(b, s, self.num_heads, hd), rope)
+    k = rope_lib.apply_rope(k.reshape(b, s, self.num_kv_heads, hd), rope)
+    v = v.reshape(b, s, self.num_kv_heads, hd)
+    new_cache = None
+    if layer_cache is not None:
+      k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype),
+                                       (0, start, 0, 0))
+      v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype),
+                                       (0, start, 0, 0))
+      new_cache = {"k": k, "v": v}
+    # Grouped attention: query head j reads kv head j // groups (torch repeat_interleave).
+    qg = q.reshape(b, s, self.num_kv_heads, groups, hd)
+    logits = jnp.einsum("bqkgd,bskd->bkgqs", qg.astype(self.dtype), k.astype(self.dtype),
+                        preferred_element_type=jnp.float32) * (hd ** -0.5)
+    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if self.attn_dropout > 0 and not self.deterministic:
+      probs = nn.Dropout(self.attn_dropout)(probs, deterministic=False)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(self.dtype), v.astype(self.dtype),
+                     preferred_element_type=jnp.float32).astype(self.dtype)
+    out = _dense(self.dim, ("heads_merged", "embed"), self.dtype, "wo")(
+        out.reshape(b, s, self.num_heads * hd))
+    x = x + nn.Dropout(self.resid_dropout)(out, deterministic=self.deterministic)
+    h = RMSNorm(self.norm_eps, self.dtype, name="ffn_norm")(x)
+    gate = _dense(self.ffn_hidden, ("embed", "mlp"), self.dtype, "w1")(h)
+    up = _dense(self.ffn_hidden, ("embed", "mlp"), self.dtype, "w3")(h)
+    ffn = _dense(self.dim, ("mlp", "embed"), self.dtype, "w2")(nn.silu(gate) * up)
+    x = x + nn.Dropout(self.ffn_dropout)(ffn, deterministic=self.deterministic)
+    return x, new_cache
+
+
+class GPT(nn.Module):
+  """Class-conditional LlamaGen GPT over `block_size` image tokens (a square grid).
+
+  Attributes mirror the reference's `ModelArgs` (see `configs/gpt.py`); `ffn_hidden` is
+  `ffn_hidden_dim(dim, multiple_of, ffn_dim_multiplier)`.
+  """
+  vocab_size: int
+  num_classes: int
+  block_size: int
+  dim: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  ffn_hidden: int
+  rope_base: float = 10000.0
+  norm_eps: float = 1e-5
+  token_dropout: float = 0.1
+  attn_dropout: float = 0.0
+  resid_dropout: float = 0.1
+  ffn_dropout: float = 0.1
+  class_dropout: float = 0.1
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+
+  @property
+  def head_dim(self) -> int:
+    return self.dim // self.num_heads
+
+  @property
+  def null_class(self) -> int:
+    """The unconditional label (the class table's last row)."""
+    return self.num_classes
+
+  def check(self) -> None:
+    if self.dim % self.num_heads:
+      raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads "
+                       f"{self.num_kv_heads}")
+    rope_lib.rope_2d_table(self.block_size, self.head_dim)  # square grid, head_dim % 4
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array | None, labels: jax.Array | None = None, *,
+               cache: Cache | None = None, start: jax.Array | int = 0,
+               deterministic: bool = True) -> tuple[jax.Array, Cache | None]:
+    """Logits of the next token at every input position.
+
+    Args:
+      tokens: (B, n) int image tokens, or None (prefill: the class token alone).
+      labels: (B,) int class ids in [0, num_classes] (num_classes = null), or None when the
+        sequence continues a cache that already holds the class token.
+      cache: None (teacher forcing from position 0) or `init_cache(...)`.
+      start: the sequence position of the first input (cache decoding only).
+      deterministic: False applies the dropouts and the class dropout (rng 'dropout').
+
+    Returns:
+      (logits (B, S, vocab) float32 with S = n (+1 with labels), the updated cache or None).
+    """
+    self.check()
+    embed = nn.Embed(self.vocab_size, self.dim, dtype=self.dtype,
+                     embedding_init=layers.logical(_normal, ("vocab", "embed")),
+                     name="tok_embeddings")
+    parts = []
+    if labels is not None:
+      if not deterministic and self.class_dropout > 0:
+        drop = jax.random.bernoulli(self.make_rng("dropout"), self.class_dropout,
+                                    labels.shape)
+        labels = jnp.where(drop, self.null_class, labels)
+      table = nn.Embed(self.num_classes + 1, self.dim, dtype=self.dtype,
+                       embedding_init=layers.logical(_normal, ("classes", "embed")),
+                       name="cls_embedding")
+      parts.append(table(labels)[:, None])
+    if tokens is not None:
+      parts.append(embed(tokens))
+    x = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+    x = nn.Dropout(self.token_dropout)(x, deterministic=deterministic)
+    b, s, _ = x.shape
+
+    full_table = jnp.asarray(rope_lib.rope_2d_table(self.block_size, self.head_dim,
+                                                    base=self.rope_base))
+    if cache is None:
+      rope = full_table[:s]
+      mask = layers.causal_mask(s)
+    else:
+      rope = jax.lax.dynamic_slice_in_dim(full_table, start, s)
+      keys = cache["k"].shape[2]
+      mask = (jnp.arange(keys)[None, :] <= start + jnp.arange(s)[:, None])[None, None]
+
+    block = nn.remat(Block, prevent_cse=False) if self.remat else Block
+    stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True,
+                                                                     "dropout": True},
+                    in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                    length=self.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+    x, new_cache = stack(self.dim, self.num_heads, self.num_kv_heads, self.ffn_hidden,
+                         self.norm_eps, self.attn_dropout, self.resid_dropout,
+                         self.ffn_dropout, deterministic, self.dtype, name="layers")(
+                             x, cache, rope, mask, start)
+    x = RMSNorm(self.norm_eps, self.dtype, name="norm")(x)
+    head = self.param("output", layers.logical(nn.initializers.zeros, ("embed", "vocab")),
+                      (self.dim, self.vocab_size), jnp.float32)
+    logits = jnp.einsum("bsd,dv->bsv", x.astype(self.dtype), head.astype(self.dtype),
+                        preferred_element_type=jnp.float32)
+    return logits, new_cache
+
+
+def init_cache(model: GPT, batch: int, max_len: int | None = None) -> Cache:
+  """Zero KV cache for `batch` rows and `max_len` positions (default 1 + block_size)."""
+  max_len = model.block_size + 1 if max_len is None else max_len
+  shape = (model.num_layers, batch, max_len, model.num_kv_heads, model.head_dim)
+  return {"k": jnp.zeros(shape, model.dtype), "v": jnp.zeros(shape, model.dtype)}
+
+
+def num_params(params) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(params))

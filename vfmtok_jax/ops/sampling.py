@@ -1,0 +1,64 @@
+"""Next-token sampling from logits: temperature, top-k, nucleus (top-p), categorical draw.
+
+Semantics follow the reference's `sample()` (LlamaGen `generate.py`): logits / max(T, 1e-5);
+top-k keeps every logit >= the k-th largest; top-p (HF `top_k_top_p_filtering`) keeps the
+smallest prefix of the sorted distribution whose mass exceeds p; the top token is always
+kept; then softmax and a categorical draw. Filtering here keeps a logit when it is >= the cut-off
+value, so tokens tied with the last kept one are kept too (HF keeps ties for top-k and breaks
+them by sort order for top-p).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -jnp.inf
+
+
+def top_k_mask(logits: jax.Array, k: int) -> jax.Array:
+  """Keep-mask (same shape) of the logits >= the k-th largest of each row; k <= 0: all."""
+  if k <= 0 or k >= logits.shape[-1]:
+    return jnp.ones(logits.shape, bool)
+  kth = jax.lax.top_k(logits, k)[0][..., -1:]
+  return logits >= kth
+
+
+def top_p_mask(logits: jax.Array, p: float) -> jax.Array:
+  """Keep-mask of each row's nucleus: sorted tokens while the mass before them is <= p."""
+  if p >= 1.0:
+    return jnp.ones(logits.shape, bool)
+  order = jnp.sort(logits, axis=-1)[..., ::-1]
+  probs = jax.nn.softmax(order.astype(jnp.float32), axis=-1)
+  before = jnp.cumsum(probs, axis=-1) - probs
+  keep_sorted = before <= p
+  keep_sorted = keep_sorted.at[..., 0].set(True)
+  # The smallest kept logit is the cut-off.
+  cutoff = jnp.min(jnp.where(keep_sorted, order, jnp.inf), axis=-1, keepdims=True)
+  return logits >= cutoff
+
+
+def filter_logits(logits: jax.Array, *, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0) -> jax.Array:
+  """(..., V) float32 logits scaled by the temperature with the filtered ones at -inf."""
+  logits = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-5)
+  # One materialised copy for the cut-offs and the comparisons: XLA may otherwise recompute
+  # the scaled (and CFG-mixed) logits inside each fusion with different rounding, and a row's
+  # top logit could fall below its own cut-off.
+  logits = jax.lax.optimization_barrier(logits)
+  top = jnp.argmax(logits, axis=-1)[..., None] == jnp.arange(logits.shape[-1])
+  if top_k > 0:
+    logits = jnp.where(top_k_mask(logits, top_k) | top, logits, NEG_INF)
+  if top_p < 1.0:
+    logits = jnp.where(top_p_mask(logits, top_p) | top, logits, NEG_INF)
+  return logits
+
+
+def sample_rows(keys: jax.Array, logits: jax.Array, *, temperature: float = 1.0,
+                top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+  """(B,) int32 tokens, row b drawn with keys[b] from logits[b] (B, V).
+
+  One key per row makes a row's draw independent of how the batch is split over devices.
+  """
+  filtered = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+  return jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys, filtered).astype(jnp.int32)

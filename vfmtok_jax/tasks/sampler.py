@@ -1,0 +1,141 @@
+"""Class-conditional sampling from the GPT: one jitted KV-cache program per batch shape.
+
+`generate` prefills the class token, then decodes the image tokens in a `lax.scan` over a
+static cache (no Python loop per token). With guidance (`cfg_scale > 1`) the conditional rows
+and the unconditional rows (null class) run in one batch, conditional first, and the logits
+handed to the sampler are `u + s (c - u)` (raw logits, before temperature); with
+`cfg_scale <= 1` the unconditional half is not computed at all (CFG-free).
+
+`cfg_interval` as in the reference: token 0 is always guided; token n >= 1 is guided only while
+n - 1 <= cfg_interval (-1: every token); unguided tokens use the conditional logits. The
+`linear` schedule (not in the reference) ramps the scale from 1 at token 0 to `cfg_scale` at the
+last token.
+
+Randomness: row r of the global batch draws token n with `fold_in(fold_in(key, r), n)`, so a
+sample depends only on the seed and its global row, never on the device count or batch split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vfmtok_jax.models import gpt as gpt_lib
+from vfmtok_jax.ops import sampling
+
+CFG_SCHEDULES = ("constant", "linear")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+  cfg_scale: float = 1.0
+  cfg_interval: int = -1
+  cfg_schedule: str = "constant"
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+
+  def __post_init__(self):
+    if self.cfg_schedule not in CFG_SCHEDULES:
+      raise ValueError(f"cfg_schedule {self.cfg_schedule!r}: expected one of {CFG_SCHEDULES}")
+    if self.cfg_interval < -1:
+      raise ValueError(f"cfg_interval {self.cfg_interval}: expected -1 (all tokens) or >= 0")
+    if self.temperature < 0:
+      raise ValueError(f"temperature {self.temperature} is negative")
+    if self.top_k < 0:
+      raise ValueError(f"top_k {self.top_k} is negative (0 disables it)")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"top_p {self.top_p}: expected a value in (0, 1]")
+
+  @property
+  def guided(self) -> bool:
+    return self.cfg_scale > 1.0
+
+
+def guidance(settings: SamplingSettings, num_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+  """(scale per token (T,) float32, guided per token (T,) bool)."""
+  n = np.arange(num_tokens)
+  guided = np.full(num_tokens, settings.guided)
+  if settings.cfg_interval >= 0:
+    guided &= (n == 0) | (n - 1 <= settings.cfg_interval)
+  if settings.cfg_schedule == "linear":
+    scale = 1.0 + (settings.cfg_scale - 1.0) * n / max(num_tokens - 1, 1)
+  else:
+    scale = np.full(num_tokens, settings.cfg_scale)
+  return scale.astype(np.float32), guided
+
+
+def _generate(params, labels, row_ids, key, scales, guided_tokens, temperature, *,
+              model: gpt_lib.GPT, guided: bool, top_k: int, top_p: float, return_logits: bool):
+  b = labels.shape[0]
+  t = model.block_size
+  rows = jnp.concatenate([labels, jnp.full_like(labels, model.null_class)]) if guided \
+      else labels
+  cache = gpt_lib.init_cache(model, rows.shape[0], t)
+
+  def guide(logits, n):
+    if not guided:
+      return logits
+    cond, uncond = logits[:b], logits[b:]
+    return jnp.where(guided_tokens[n], uncond + scales[n] * (cond - uncond), cond)
+
+  def draw(logits, n):
+    keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(key, r), n))(row_ids)
+    return sampling.sample_rows(keys, logits, temperature=temperature, top_k=top_k,
+                                top_p=top_p)
+
+  logits, cache = model.apply({"params": params}, None, rows, cache=cache, start=0)
+  first_logits = guide(logits[:, -1], 0)
+  first = draw(first_logits, 0)
+
+  def body(carry, n):
+    cache, prev = carry
+    inputs = jnp.concatenate([prev, prev]) if guided else prev
+    logits, cache = model.apply({"params": params}, inputs[:, None], None, cache=cache,
+                                start=n)
+    step_logits = guide(logits[:, -1], n)
+    token = draw(step_logits, n)
+    return (cache, token), (token, step_logits if return_logits else None)
+
+  _, (rest, rest_logits) = jax.lax.scan(body, (cache, first), jnp.arange(1, t))
+  tokens = jnp.concatenate([first[:, None], rest.T], axis=1)
+  if not return_logits:
+    return tokens, None
+  all_logits = jnp.concatenate([first_logits[:, None], rest_logits.transpose(1, 0, 2)], axis=1)
+  return tokens, all_logits
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(model: gpt_lib.GPT, guided: bool, top_k: int, top_p: float, return_logits: bool):
+  return jax.jit(functools.partial(_generate, model=model, guided=guided, top_k=top_k,
+                                   top_p=top_p, return_logits=return_logits))
+
+
+def generate(model: gpt_lib.GPT, params, labels, key: jax.Array,
+             settings: SamplingSettings = SamplingSettings(), *, row_ids=None,
+             return_logits: bool = False):
+  """Samples `model.block_size` tokens per label.
+
+  Args:
+    model, params: the GPT.
+    labels: (B,) int class ids in [0, num_classes) (a jax array may be sharded over its batch).
+    key: the sampling seed's key.
+    settings: guidance and sampling settings.
+    row_ids: (B,) the rows' global indices (default 0..B-1), which pick each row's randomness.
+    return_logits: also return the (B, T, V) logits handed to the sampler at each step.
+
+  Returns:
+    tokens (B, T) int32, and the step logits or None.
+  """
+  labels = jnp.asarray(labels, jnp.int32)
+  if row_ids is None:
+    row_ids = jnp.arange(labels.shape[0], dtype=jnp.int32)
+  scales, guided_tokens = guidance(settings, model.block_size)
+  fn = _compiled(model, settings.guided, int(settings.top_k), float(settings.top_p),
+                 return_logits)
+  return fn(params, labels, row_ids, key, jnp.asarray(scales), jnp.asarray(guided_tokens),
+            jnp.float32(settings.temperature))
