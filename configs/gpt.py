@@ -15,6 +15,7 @@ Add `runlocal` for a few-step CPU smoke run of any variant, e.g. `gpt_b,runlocal
 import ml_collections
 
 from configs import common
+from vfmtok_jax.data import demo_photos
 
 # name: (layers, heads, dim); FFN width = find_multiple(int(8 dim / 3), 256).
 PRESETS = {
@@ -74,6 +75,7 @@ def get_config(arg=None):
   c.eval_batch_size = 64
   c.sample_grid = dict(classes=8, cfg_scale=2.0, temperature=1.0, top_k=0, top_p=1.0)
   c.tokenizer = ""  # tokenizer folder to decode sample grids at evals ("" = no grids)
+  c.eval_ema = True
   c.export_ema = True
   c.ckpt_every = 10_000
   c.keep_last = 3
@@ -100,7 +102,8 @@ def get_config(arg=None):
 def demo_updates(c) -> None:
   """The demo's differences from GPT-B: a 4-layer dim-256 GPT over the demo tokenizer's 1,024
   codes (8 x 8 = 64 tokens per image), the demo photos as classes, float32 on CPU."""
-  c.model.update(vocab_size=1024, num_classes=0, block_size=64, dim=256, num_layers=4,
+  c.model.update(vocab_size=1024, num_classes=len(demo_photos.photo_names()), block_size=64,
+                 dim=256, num_layers=4,
                  num_heads=4, num_kv_heads=4, token_dropout=0.0, resid_dropout=0.0,
                  ffn_dropout=0.0, dtype="float32")
   c.optim.update(lr=3e-3, warmup_steps=20, decay="cosine", weight_decay=0.05)
@@ -112,6 +115,7 @@ def demo_updates(c) -> None:
   c.eval_batch_size = 32
   c.data.held_out = 64
   c.sample_grid.update(classes=0, cfg_scale=2.0)
+  c.eval_ema = False
   c.export_ema = False
   c.ckpt_every = 300
   c.keep_every = 0

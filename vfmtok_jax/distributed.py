@@ -13,6 +13,8 @@ import os
 
 from absl import flags
 import jax
+from jax.experimental import multihost_utils
+import numpy as np
 from orbax.checkpoint import multihost
 
 # Orbax's barriers default to a collective (gloo on CPU), whose first use waits only 30 s for
@@ -57,3 +59,10 @@ def barrier(name: str, timeout_s: int = 1200) -> None:
     return
   multihost.sync_global_processes(name, timeout=timeout_s,
                                   processes=set(range(jax.process_count())))
+
+
+def to_host(x) -> np.ndarray:
+  """A global (possibly multi-process) array as one numpy array on every process."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)

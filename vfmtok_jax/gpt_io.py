@@ -16,7 +16,6 @@ import dataclasses
 import os
 from typing import Any, Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -93,11 +92,11 @@ def gpt_from_state(state: Mapping[str, np.ndarray], *, source: str, num_heads: i
 
 def save_gpt(path: str, model: gpt_lib.GPT, params, *, source: str = "",
              tokenizer: Mapping[str, Any] | None = None) -> None:
-  """Writes a GPT folder (see module docstring)."""
+  """Writes a GPT folder (see module docstring); collective: every process calls it."""
   meta = {"model": model_json(model), "source": source}
   if tokenizer is not None:
     meta["tokenizer"] = dict(tokenizer)
-  orbax_io.save_folder(path, jax.device_get(params), GPT_JSON, meta)
+  orbax_io.save_folder(path, params, GPT_JSON, meta)
 
 
 def load_gpt(path: str, *, dtype: str | None = None) -> tuple[gpt_lib.GPT, dict, dict]:

@@ -15,10 +15,10 @@ config inference are `weights.tokenizer`'s).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from typing import Any, Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -133,3 +133,9 @@ def load_tokenizer(path: str, *, vfm_source: str | None = None) -> vfmtok.VFMTok
   size = vfm_cfg.get("size")
   return vfmtok.VFMTok(vfm, model, params, tuple(vfm_cfg["levels"]),
                        (size, size) if size else None, vfm_cfg.get("resize", "kornia_bicubic"))
+
+
+def fingerprint(tok: vfmtok.VFMTok) -> str:
+  """sha256 (16 hex digits) of the tokenizer's codebook: codes mean something only with it."""
+  codebook = np.asarray(tok.params["slot_quantize"]["embedding"], np.float32)
+  return hashlib.sha256(codebook.tobytes()).hexdigest()[:16]

@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vfmtok_jax import distributed
+from vfmtok_jax import tokenizer_io
 from vfmtok_jax.models import gpt as gpt_lib
 from vfmtok_jax.ops import sampling
 
@@ -139,3 +142,91 @@ def generate(model: gpt_lib.GPT, params, labels, key: jax.Array,
                  return_logits)
   return fn(params, labels, row_ids, key, jnp.asarray(scales), jnp.asarray(guided_tokens),
             jnp.float32(settings.temperature))
+
+
+# ------------------------------------------------------------------------------------------------
+# What the `sample` command line needs.
+# ------------------------------------------------------------------------------------------------
+
+def choose_labels(*, labels: str, num: int, per_class: bool, num_classes: int,
+                  seed: int) -> np.ndarray:
+  """The class of every sample (see the module docstring); ValueError for bad choices."""
+  if num < 0:
+    raise ValueError(f"--num {num} is negative")
+  if bool(labels) == bool(num):
+    raise ValueError("give exactly one of --labels and --num")
+  if labels:
+    try:
+      out = np.asarray([int(x) for x in labels.split(",")], np.int32)
+    except ValueError:
+      raise ValueError(f"--labels {labels!r}: expected comma-separated integers") from None
+  elif per_class:
+    out = np.repeat(np.arange(num_classes, dtype=np.int32), num)
+  else:
+    out = np.random.default_rng(seed).integers(0, num_classes, num).astype(np.int32)
+  bad = out[(out < 0) | (out >= num_classes)]
+  if len(bad):
+    raise ValueError(f"labels {sorted(set(bad.tolist()))} are outside the GPT's "
+                     f"{num_classes} classes [0, {num_classes})")
+  return out
+
+
+def check_pair(gpt_meta: dict, model, tok) -> None:
+  """A GPT and a tokenizer that belong together, else ValueError naming the mismatch."""
+  if model.vocab_size != tok.model.codebook_size:
+    raise ValueError(f"the GPT's vocabulary ({model.vocab_size}) is not the tokenizer's "
+                     f"codebook ({tok.model.codebook_size})")
+  if model.block_size != tok.model.num_queries:
+    raise ValueError(f"the GPT generates {model.block_size} tokens, the tokenizer decodes "
+                     f"{tok.model.num_queries}")
+  trained_on = (gpt_meta.get("tokenizer") or {}).get("fingerprint")
+  if trained_on and trained_on != tokenizer_io.fingerprint(tok):
+    raise ValueError(f"the GPT was trained on codes of another tokenizer (codebook "
+                     f"fingerprint {trained_on}, recorded from "
+                     f"{gpt_meta['tokenizer'].get('path')}), not this one "
+                     f"({tokenizer_io.fingerprint(tok)})")
+
+
+def output_size(tok, image_size: int) -> int:
+  if image_size:
+    return image_size
+  return 256 if tok.model.image_size == 336 else tok.model.image_size
+
+
+def generate_all(model, params, labels: np.ndarray, settings, *, seed: int, batch_size: int):
+  """Tokens of every label in fixed-size batches (the last one padded).
+
+  Returns (tokens (n, T), seconds of the first call (compile + run), seconds of the timed
+  calls after it, rows those timed calls generated).
+  """
+  key = jax.random.PRNGKey(seed)
+  n = len(labels)
+  b = min(batch_size, n)
+  devices = jax.devices()
+  mesh = jax.sharding.Mesh(np.asarray(devices), ("batch",))
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+      "batch" if b % len(devices) == 0 else None))
+  params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+  def run(start):
+    chunk = np.zeros(b, np.int32)
+    part = labels[start:start + b]
+    chunk[:len(part)] = part
+    ids = np.arange(start, start + b, dtype=np.int32)
+    put = lambda x: jax.make_array_from_callback(x.shape, rows, lambda i: x[i])  # noqa: E731
+    tokens, _ = generate(model, params, put(chunk), key, settings, row_ids=put(ids))
+    return distributed.to_host(tokens)[:len(part)]
+
+  t0 = time.perf_counter()
+  out = [run(0)]
+  compile_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  timed_rows = 0
+  if n <= b:  # one batch only: time a second run of the compiled program
+    run(0)
+    timed_rows = b
+  for start in range(b, n, b):
+    out.append(run(start))
+    timed_rows += b
+  sample_s = time.perf_counter() - t0
+  return np.concatenate(out)[:n], compile_s, sample_s, timed_rows

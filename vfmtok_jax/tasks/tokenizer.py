@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.experimental import multihost_utils
 
+from vfmtok_jax import distributed
 from vfmtok_jax import sharding as shd
 from vfmtok_jax import tokenizer_io
 from vfmtok_jax import vfm_zoo
@@ -109,13 +109,6 @@ class CodebookSettings:
       raise ValueError(f"codebook.restart_window={self.restart_window} must be >= 0 (0: off)")
     if self.restart_noise < 0:
       raise ValueError(f"codebook.restart_noise={self.restart_noise} must be >= 0")
-
-
-def _fetch(x) -> np.ndarray:
-  """A global (possibly multi-process) array as one numpy array on every process."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(x)
 
 
 class TokenizerTask(task_lib.Task):
@@ -465,12 +458,12 @@ class TokenizerTask(task_lib.Task):
     psnrs, counts, originals, recons = [], np.zeros(size, np.int64), [], []
     for batch in self._eval_batches:
       out = self._eval_fn(params, constants["vfm"], batch["image"])
-      mask = _fetch(batch["_mask"]).astype(bool)
-      psnrs.append(_fetch(out["psnr"])[mask])
-      counts += np.bincount(_fetch(out["indices"])[mask].ravel(), minlength=size)
+      mask = distributed.to_host(batch["_mask"]).astype(bool)
+      psnrs.append(distributed.to_host(out["psnr"])[mask])
+      counts += np.bincount(distributed.to_host(out["indices"])[mask].ravel(), minlength=size)
       if sum(len(o) for o in originals) < grid_images:
-        originals.append(_fetch(batch["image"])[mask])
-        recons.append(_fetch(out["recon"])[mask])
+        originals.append(distributed.to_host(batch["image"])[mask])
+        recons.append(distributed.to_host(out["recon"])[mask])
     psnr = np.concatenate(psnrs)
     probs = counts / max(counts.sum(), 1)
     nz = probs[probs > 0]
@@ -603,26 +596,16 @@ def _batch_shards(mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def loop_settings(config) -> loop.LoopSettings:
-  return loop.LoopSettings(
-      total_steps=config.total_steps, seed=config.seed, log_every=config.log_every,
-      eval_every=config.eval_every, ckpt_every=config.ckpt_every, keep_last=config.keep_last,
-      keep_every=config.keep_every, async_checkpoint=config.async_checkpoint,
-      max_nonfinite_streak=config.max_nonfinite_streak,
-      max_steps_per_run=config.max_steps_per_run)
-
-
 def build(config, devices=None, task: TokenizerTask | None = None):
   """(task, program) of a tokenizer config on a mesh over `devices` (default: all; for an
   ahead-of-time plan, a topology's devices). `task` overrides the one `config` describes."""
   mesh = shd.make_mesh(dict(config.mesh), devices)
   task = task or from_config(config, batch_shards=_batch_shards(mesh))
-  return task, program_lib.make_program(task, mesh, config.sharding,
-                                        matmul_precision=config.matmul_precision)
+  return task, program_lib.program_from_config(task, mesh, config)
 
 
 def train(config, workdir: str, devices=None, task: TokenizerTask | None = None) -> dict:
   """Trains (resuming from `workdir`); returns the final metrics."""
   task, program = build(config, devices, task)
-  return loop.run(task, program, workdir, loop_settings(config),
+  return loop.run(task, program, workdir, loop.settings_from_config(config),
                   config_json=config.to_json_best_effort(indent=2))

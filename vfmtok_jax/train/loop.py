@@ -46,6 +46,11 @@ class LoopSettings:
   max_steps_per_run: int = 0   # > 0: checkpoint and stop after this many steps of one run
 
 
+def settings_from_config(config) -> LoopSettings:
+  """The loop keys every trainer config has (total_steps, seed, log_every, ...)."""
+  return LoopSettings(**{f.name: config[f.name] for f in dataclasses.fields(LoopSettings)})
+
+
 def _record_config(workdir: str, config_json: str, start_step: int | None) -> None:
   """config.json describes the run that wrote the checkpoints; a resume with a different
   config keeps it and writes `config.resumed_at_<step>.json` beside it."""

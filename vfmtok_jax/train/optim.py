@@ -37,14 +37,15 @@ def decay_mask(params):
 
 
 def adam(*, lr_schedule: optax.Schedule, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
-         weight_decay: float = 0.0, grad_clip: float | None = 1.0) -> optax.GradientTransformation:
-  """clip -> Adam(W) with the decay mask; lr from the schedule."""
+         weight_decay: float = 0.0, grad_clip: float | None = 1.0,
+         mask=decay_mask) -> optax.GradientTransformation:
+  """clip -> Adam(W) with the decay `mask` (params -> bool tree); lr from the schedule."""
   parts = []
   if grad_clip:
     parts.append(optax.clip_by_global_norm(grad_clip))
   if weight_decay:
     parts.append(optax.adamw(lr_schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-                             mask=decay_mask))
+                             mask=mask))
   else:
     parts.append(optax.adam(lr_schedule, b1=b1, b2=b2, eps=eps))
   return optax.chain(*parts)

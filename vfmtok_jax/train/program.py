@@ -162,3 +162,8 @@ def make_program(task: task_lib.Task, mesh: Mesh, preset: str, *,
                  out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=(0,))
   return TrainProgram(mesh, rules, state_shardings, const_shardings, batch_shardings,
                       abstract_state, abstract_consts, abstract_batch, init, step, precision)
+
+
+def program_from_config(task: task_lib.Task, mesh: Mesh, config) -> TrainProgram:
+  """`make_program` with a trainer config's `sharding` preset and `matmul_precision`."""
+  return make_program(task, mesh, config.sharding, matmul_precision=config.matmul_precision)

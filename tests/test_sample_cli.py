@@ -1,0 +1,84 @@
+"""`python -m vfmtok_jax.sample`: the golden GPT decoded by the golden tokenizer; bad inputs."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from vfmtok_jax import gpt_io
+from vfmtok_jax import tokenizer_io
+from vfmtok_jax.tasks import sampler
+
+ROOT = str(pathlib.Path(__file__).resolve().parents[1])
+
+
+@pytest.fixture(scope="module")
+def golden_gpt(tmp_path_factory, fixtures_dir):
+  state = load_file(str(fixtures_dir / "gpt.safetensors"))
+  model, params = gpt_io.gpt_from_state(state, source="golden", num_heads=4, block_size=16)
+  path = str(tmp_path_factory.mktemp("gpt") / "gpt")
+  gpt_io.save_gpt(path, model, params, source="golden")
+  return path, model, params
+
+
+def _sample(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "vfmtok_jax.sample", *args], capture_output=True,
+                        text=True, env=env, cwd=ROOT, check=False)
+
+
+def test_sample_command_writes_tokens_images_and_grid(golden_gpt, golden_tokenizer, tmp_path):
+  gpt_dir, model, params = golden_gpt
+  tok_dir, tok = golden_tokenizer
+  out = tmp_path / "s.npz"
+  result = _sample("--gpt", gpt_dir, "--tokenizer", tok_dir, "--labels", "3,7,7,1,0",
+                   "--cfg", "2.0", "--top_k", "1", "--batch_size", "2", "--out", str(out))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "tokens/s" in result.stdout and "images/s" in result.stdout
+  with np.load(out) as f:
+    got = {k: f[k] for k in f.files}
+  want, _ = sampler.generate(model, params, np.array([3, 7, 7, 1, 0]), jax.random.PRNGKey(0),
+                             sampler.SamplingSettings(cfg_scale=2.0, top_k=1))
+  np.testing.assert_array_equal(got["indices"], want)  # batches of 2 change nothing
+  np.testing.assert_array_equal(got["labels"], [3, 7, 7, 1, 0])
+  assert got["arr_0"].shape == (5, 32, 32, 3) and got["arr_0"].dtype == np.uint8
+  decoded = np.clip(np.asarray(tok.decode_indices(want)) * 127.5 + 128, 0, 255).astype(np.uint8)
+  # Decoded in batches of 2 vs 5: float reorderings can move a pixel across a uint8 boundary.
+  np.testing.assert_allclose(got["arr_0"].astype(int), decoded.astype(int), atol=1)
+  assert (got["arr_0"] != decoded).mean() < 1e-3
+  assert (tmp_path / "s.png").is_file()
+
+
+def test_sample_command_refuses_bad_labels(golden_gpt, tmp_path):
+  result = _sample("--gpt", golden_gpt[0], "--labels", "3,10", "--out", str(tmp_path / "x.npz"))
+  assert result.returncode != 0 and "outside the GPT's 10 classes" in result.stderr
+  assert not (tmp_path / "x.npz").exists()
+
+
+def test_choose_labels():
+  assert sampler.choose_labels(labels="", num=3, per_class=True, num_classes=2,
+                              seed=0).tolist() == [0, 0, 0, 1, 1, 1]
+  a = sampler.choose_labels(labels="", num=500, per_class=False, num_classes=10, seed=1)
+  assert a.min() == 0 and a.max() == 9 and len(set(a.tolist())) == 10
+  with pytest.raises(ValueError, match="exactly one"):
+    sampler.choose_labels(labels="1", num=2, per_class=False, num_classes=10, seed=0)
+  with pytest.raises(ValueError, match="integers"):
+    sampler.choose_labels(labels="1,x", num=0, per_class=False, num_classes=10, seed=0)
+
+
+def test_gpt_and_tokenizer_must_match(golden_gpt, golden_tokenizer):
+  _, model, _ = golden_gpt
+  _, tok = golden_tokenizer
+  sampler.check_pair({}, model, tok)
+  with pytest.raises(ValueError, match="vocabulary"):
+    sampler.check_pair({}, model.clone(vocab_size=256), tok)
+  with pytest.raises(ValueError, match="tokens"):
+    sampler.check_pair({}, model.clone(block_size=64), tok)
+  with pytest.raises(ValueError, match="another tokenizer"):
+    sampler.check_pair({"tokenizer": {"fingerprint": "0" * 16, "path": "x"}}, model, tok)
+  sampler.check_pair({"tokenizer": {"fingerprint": tokenizer_io.fingerprint(tok)}}, model, tok)

@@ -1,0 +1,153 @@
+"""The GPT trainer on the training library: presets vs one device, resume, outputs, errors."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import gpt as gpt_configs
+from tests import equivalence
+from tests.test_codes import _write_folder
+from vfmtok_jax import gpt_io
+from vfmtok_jax.data import codes as codes_lib
+from vfmtok_jax.tasks import gpt as gpt_task
+from vfmtok_jax.tasks import sampler
+
+LR = 1e-3
+T, VOCAB, CLASSES = 16, 64, 4
+
+
+@pytest.fixture(scope="module")
+def codes_dir(tmp_path_factory):
+  """48 examples x 2 variants: each class is a fixed sequence with a few random tokens."""
+  rng = np.random.default_rng(0)
+  base = rng.integers(0, VOCAB, (CLASSES, T))
+  labels = np.arange(48) % CLASSES
+  codes = np.stack([base[labels], base[labels][:, ::-1]], axis=1).copy()
+  noise = rng.random(codes.shape) < 0.1
+  codes[noise] = rng.integers(0, VOCAB, noise.sum())
+  path = tmp_path_factory.mktemp("gptcodes")
+  _write_folder(path, labels, codes, [20, 28])
+  info = json.load(open(path / "codes.json"))
+  info["codebook_size"] = VOCAB
+  json.dump(info, open(path / "codes.json", "w"))
+  return str(path)
+
+
+def tiny_config(codes_dir, **overrides):
+  c = gpt_configs.get_config("gpt_b,runlocal")
+  c.model.update(vocab_size=VOCAB, num_classes=CLASSES, block_size=T, dim=32, num_layers=2,
+                 num_heads=4, num_kv_heads=2, multiple_of=32, dtype="float32")
+  c.data.codes = codes_dir
+  c.data.held_out = 8
+  c.optim.update(lr=LR, warmup_steps=0, decay="constant")
+  c.eval_batch_size = 8
+  c.async_checkpoint = False
+  for k, v in overrides.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c
+
+
+def _run_steps(config, devices, n, *, duplicate_half=False):
+  task, program = gpt_task.build(config, devices)
+  state = program.init(jax.random.PRNGKey(config.seed))
+  it = codes_lib.CodesIterator(task.dataset, global_batch=config.batch_size, seed=config.seed,
+                               examples=task._splits()[0])  # pylint: disable=protected-access
+  losses, deltas = [], []
+  for _ in range(n):
+    batch = next(it)
+    if duplicate_half:
+      half = config.batch_size // 2
+      batch = {k: np.concatenate([v[:half], v[:half]]) for k, v in batch.items()}
+    batch = {k: jax.device_put(v, program.batch_shardings[k]) for k, v in batch.items()}
+    before = jax.device_get(state.params)
+    state, metrics = program.step(state, {}, batch)
+    losses.append(float(metrics["loss"]))
+    deltas.append(equivalence.updates(before, jax.device_get(state.params)))
+  return program, losses, deltas
+
+
+@pytest.fixture(scope="module")
+def one_device_run(codes_dir):
+  _, losses, deltas = _run_steps(tiny_config(codes_dir), jax.devices()[:1], 3)
+  return losses, deltas
+
+
+@pytest.mark.parametrize("preset,mesh", [("dp", dict(data=8, fsdp=1, tensor=1)),
+                                         ("fsdp", dict(data=2, fsdp=4, tensor=1)),
+                                         ("fsdp_tp", dict(data=2, fsdp=2, tensor=2))])
+def test_presets_match_one_device(codes_dir, one_device_run, preset, mesh):
+  cfg = tiny_config(codes_dir, sharding=preset, mesh=mesh)
+  program, losses, deltas = _run_steps(cfg, jax.devices(), 3)
+  assert equivalence.compare_runs(*one_device_run, losses, deltas, lr=LR, steps_per_interval=1,
+                                  zero_grad=set()) == []
+  specs = [s.spec for s in jax.tree.leaves(program.state_shardings.params)]
+  if preset != "dp":
+    assert any("fsdp" in spec for spec in specs)
+  if preset == "fsdp_tp":
+    assert any("tensor" in spec for spec in specs)
+
+
+def test_equivalence_check_catches_a_data_parallel_bug(codes_dir, one_device_run):
+  cfg = tiny_config(codes_dir, sharding="dp", mesh=dict(data=8, fsdp=1, tensor=1))
+  _, losses, deltas = _run_steps(cfg, jax.devices(), 3, duplicate_half=True)
+  problems = equivalence.compare_runs(*one_device_run, losses, deltas, lr=LR,
+                                      steps_per_interval=1, zero_grad=set())
+  assert any("losses differ" in p for p in problems), problems
+
+
+def test_decay_mask_skips_norm_scales(codes_dir):
+  task, _ = gpt_task.build(tiny_config(codes_dir), jax.devices()[:1])
+  params = jax.eval_shape(lambda: task.model.init(jax.random.PRNGKey(0),
+                                                  np.zeros((1, 3), np.int32),
+                                                  np.zeros((1,), np.int32))["params"])
+  mask = gpt_task.gpt_decay_mask(jax.tree.map(lambda x: np.zeros(x.shape),
+                                              jax.device_get(params)))
+  flat = {k: v for k, v in equivalence.flat(mask).items()}
+  decayed = sorted(k for k, v in flat.items() if v)
+  kept = sorted(k for k, v in flat.items() if not v)
+  assert all("scale" in k for k in kept) and len(kept) == 3, kept
+  assert any("tok_embeddings" in k for k in decayed) and any("wq" in k for k in decayed)
+
+
+def test_train_resume_bitwise_and_export(codes_dir, tmp_path, capsys):
+  straight = tiny_config(codes_dir)
+  final = gpt_task.train(straight, str(tmp_path / "a"))
+  out = capsys.readouterr().out
+  assert "tokens/s" in out and "held-out loss=" in out
+  assert final["eval_examples"] == 8 and np.isfinite(final["eval_loss"])
+  sliced = tiny_config(codes_dir, max_steps_per_run=4)
+  assert gpt_task.train(sliced, str(tmp_path / "b"))["stopped_at"] == 4
+  gpt_task.train(sliced, str(tmp_path / "b"))
+  model_a, params_a, meta = gpt_io.load_gpt(str(tmp_path / "a" / "gpt"))
+  _, params_b, _ = gpt_io.load_gpt(str(tmp_path / "b" / "gpt"))
+  jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
+  assert meta["tokenizer"]["codebook_size"] == VOCAB and model_a.num_kv_heads == 2
+  tokens, _ = sampler.generate(model_a, params_a, np.arange(CLASSES), jax.random.PRNGKey(0))
+  assert tokens.shape == (CLASSES, T)
+  assert os.path.isfile(tmp_path / "a" / "metrics.jsonl")
+
+
+def test_loss_falls_on_learnable_codes(codes_dir, tmp_path):
+  cfg = tiny_config(codes_dir, total_steps=60, log_every=60, eval_every=60, ckpt_every=60,
+                    **{"optim.lr": 5e-3})
+  cfg.model.update(token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0)
+  cfg.eval_ema = False  # EMA 0.9999 barely moves in 60 steps
+  final = gpt_task.train(cfg, str(tmp_path / "w"))
+  assert final["eval_loss"] < final["eval_loss_start"] - 1.0, final
+
+
+def test_mismatched_codes_are_refused(codes_dir):
+  with pytest.raises(codes_lib.CodesError, match="vocab_size 128"):
+    gpt_task.from_config(tiny_config(codes_dir, **{"model.vocab_size": 128}))
+  with pytest.raises(codes_lib.CodesError, match="block_size 64"):
+    gpt_task.from_config(tiny_config(codes_dir, **{"model.block_size": 64}))
+  with pytest.raises(codes_lib.CodesError, match="held_out"):
+    task = gpt_task.from_config(tiny_config(codes_dir, **{"data.held_out": 48}))
+    task._splits()  # pylint: disable=protected-access
