@@ -260,3 +260,14 @@ def test_convert_cli_reads_a_released_checkpoint(golden, tmp_path):
                        cwd=ROOT, check=False)
   assert bad.returncode != 0 and "num_heads" in bad.stderr
   assert not (tmp_path / "bad").exists()
+
+
+def test_draws_follow_the_filtered_distribution():
+  """Frequencies of 20,000 draws match softmax(filtered logits); filtered tokens never appear."""
+  logits = jnp.asarray([[2.0, 1.0, 0.0, -1.0, 0.5, -3.0]])
+  keys = jax.random.split(jax.random.PRNGKey(0), 20000)
+  draws = np.asarray(sampling.sample_rows(keys, jnp.repeat(logits, 20000, 0), top_k=4))
+  probs = np.asarray(jax.nn.softmax(sampling.filter_logits(logits, top_k=4)))[0]
+  freq = np.bincount(draws, minlength=6) / 20000
+  np.testing.assert_allclose(freq, probs, atol=0.012)  # ~3.5 sigma at p = 0.5
+  assert freq[3] == 0 and freq[5] == 0

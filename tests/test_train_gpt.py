@@ -2,8 +2,13 @@
 
 import json
 import os
+import pathlib
+import signal
+import subprocess
+import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -14,7 +19,9 @@ from vfmtok_jax import gpt_io
 from vfmtok_jax.data import codes as codes_lib
 from vfmtok_jax.tasks import gpt as gpt_task
 from vfmtok_jax.tasks import sampler
+from vfmtok_jax.train import loop
 
+ROOT = str(pathlib.Path(__file__).resolve().parents[1])
 LR = 1e-3
 T, VOCAB, CLASSES = 16, 64, 4
 
@@ -151,3 +158,70 @@ def test_mismatched_codes_are_refused(codes_dir):
   with pytest.raises(codes_lib.CodesError, match="held_out"):
     task = gpt_task.from_config(tiny_config(codes_dir, **{"data.held_out": 48}))
     task._splits()  # pylint: disable=protected-access
+
+
+class _PoisonedTask(gpt_task.GPTTask):
+  """Test hook: a batch whose first label is -1 runs the real step on NaN params."""
+
+  def train_step(self, state, constants, batch):
+    poison = batch["label"][0] < 0
+    nan_params = jax.tree.map(lambda p: jnp.where(poison, p * jnp.nan, p), state.params)
+    new, metrics, ok = super().train_step(state.replace(params=nan_params), constants,
+                                          dict(batch, label=jnp.maximum(batch["label"], 0)))
+    return new, metrics, ok
+
+
+def _poisoned(config, steps):
+  base = gpt_task.from_config(config)
+  task = _PoisonedTask(**{k: getattr(base, k) for k in (
+      "model", "tx", "lr_fn", "ema_decay", "batch_size", "eval_batch_size", "seed")},
+      data=base.data, sample_grid=base.grid, tokenizer_path="", eval_ema=base.eval_ema,
+      export_ema=base.export_ema)
+  plain = task.train_iterator
+
+  def train_iterator(start, shardings):
+    for step, batch in enumerate(plain(start, {"codes": None}), start + 1):
+      if step in steps:
+        batch = dict(batch, label=np.full_like(batch["label"], -1))
+      yield {k: jax.device_put(v, shardings[k]) for k, v in batch.items()}
+  task.train_iterator = train_iterator
+  return task
+
+
+def test_nonfinite_steps_are_skipped_then_stop(codes_dir, tmp_path):
+  cfg = tiny_config(codes_dir, eval_every=0, log_every=1)
+  final = gpt_task.train(cfg, str(tmp_path / "one"), task=_poisoned(cfg, {2}))
+  assert final["nonfinite_total"] == 1 and np.isfinite(final["loss"])
+  lines = [json.loads(l) for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+  by_step = {l["step"]: l for l in lines if "loss" in l}
+  assert not np.isfinite(by_step[2]["loss"])
+  assert by_step[2]["param_norm"] == by_step[1]["param_norm"]  # the bad step changed nothing
+  assert by_step[3]["param_norm"] != by_step[2]["param_norm"]
+  cfg = tiny_config(codes_dir, eval_every=0, max_nonfinite_streak=1)
+  with pytest.raises(loop.NonFiniteError, match="2 consecutive non-finite"):
+    gpt_task.train(cfg, str(tmp_path / "many"), task=_poisoned(cfg, {3, 4, 5}))
+
+
+def test_sigterm_saves_and_restart_continues(codes_dir, tmp_path):
+  def start(*flags):
+    return subprocess.Popen(
+        [sys.executable, "-m", "vfmtok_jax.train_gpt", "--config",
+         os.path.join(ROOT, "tests", "tiny_gpt_config.py"), "--workdir", str(tmp_path / "run"),
+         f"--config.data.codes={codes_dir}", "--config.log_every=1", *flags],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  proc = start("--config.total_steps=100000", "--config.ckpt_every=100000")
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if line.startswith("step 3/"):
+      proc.send_signal(signal.SIGTERM)
+      break
+  out, _ = proc.communicate(timeout=300)
+  text = "".join(lines) + out
+  assert proc.returncode == 0, text[-3000:]
+  saved = int(text.split("SIGTERM: saved step ")[1].split(",")[0])
+  assert saved >= 3
+  proc = start(f"--config.total_steps={saved + 2}")
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out[-3000:]
+  assert f"step {saved + 2}/{saved + 2}" in out and f"step {saved}/" not in out

@@ -8,8 +8,8 @@ class with probability `class_dropout`. Pre-norm blocks: `h = x + wo(attn(rms(x)
 logits are float32. Position s predicts image token s (the class token predicts token 0).
 
 One `__call__` serves teacher forcing (no cache: positions from 0) and KV-cache decoding
-(`cache` from `init_cache`, positions from `start`): prefill with the labels alone at start 0,
-then one token per call at start i + 1.
+(`cache` from `init_cache`, positions from `start`, params from `unstack_layers`): prefill with
+the labels alone at start 0, then one token per call at start i + 1.
 
 Parameter layout: the layer stack is one scanned module `layers` whose params carry a leading
 (num_layers,) axis (logical name `layers`), so compile time does not grow with depth.
@@ -27,7 +27,9 @@ from vfmtok_jax.models import layers
 from vfmtok_jax.models import rope as rope_lib
 
 Dtype = Any
-Cache = dict  # {"k", "v"}: (num_layers, B, max_len, num_kv_heads, head_dim) in the compute dtype
+# {"k", "v"}: a list over layers of (B, num_kv_heads, max_len, head_dim) in the compute dtype;
+# heads before positions, so attention reads it as a batched matmul without a transpose.
+Cache = dict
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -68,9 +70,12 @@ def _dense(features, axes, dtype, name):
 class Block(nn.Module):
   """One transformer block; the carry of the layer scan is the residual stream.
 
-  Call: `(x, layer_cache, rope, mask, start) -> (x, new_layer_cache)` with x (B, S, dim),
-  layer_cache None or {"k", "v"} (B, max_len, kv_heads, head_dim), rope (S, head_dim / 2, 2),
-  mask bool broadcastable to (B, 1, S, keys) and start the cache slot of x's first position.
+  Call: `(x, layer_cache, rope, mask, start) -> (x, new_kv)` with x (B, S, dim), layer_cache
+  None or {"k", "v"} (B, kv_heads, max_len, head_dim) holding positions < start (read only),
+  rope (S, head_dim / 2, 2), mask the bool causal mask among the S inputs (1, 1, S, S), start
+  the position of x's first input. new_kv is {"k", "v"} (B, kv_heads, S, head_dim) for the
+  caller to write at `start` (so the cache is written once per call, in place, not copied per
+  layer).
   """
   dim: int
   num_heads: int
@@ -93,25 +98,36 @@ class Block(nn.Module):
     k = _dense(self.num_kv_heads * hd, ("embed", "kv_merged"), self.dtype, "wk")(h)
     v = _dense(self.num_kv_heads * hd, ("embed", "kv_merged"), self.dtype, "wv")(h)
     q = rope_lib.apply_rope(q.reshape(b, s, self.num_heads, hd), rope)
-    k = rope_lib.apply_rope(k.reshape(b, s, self.num_kv_heads, hd), rope)
-    v = v.reshape(b, s, self.num_kv_heads, hd)
-    new_cache = None
-    if layer_cache is not None:
-      k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype),
-                                       (0, start, 0, 0))
-      v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype),
-                                       (0, start, 0, 0))
-      new_cache = {"k": k, "v": v}
+    k = rope_lib.apply_rope(k.reshape(b, s, self.num_kv_heads, hd), rope).transpose(0, 2, 1, 3)
+    v = v.reshape(b, s, self.num_kv_heads, hd).transpose(0, 2, 1, 3)
     # Grouped attention: query head j reads kv head j // groups (torch repeat_interleave).
-    qg = q.reshape(b, s, self.num_kv_heads, groups, hd)
-    logits = jnp.einsum("bqkgd,bskd->bkgqs", qg.astype(self.dtype), k.astype(self.dtype),
-                        preferred_element_type=jnp.float32) * (hd ** -0.5)
-    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+    qg = q.reshape(b, s, self.num_kv_heads, groups, hd).astype(self.dtype)
+    scale = hd ** -0.5
+
+    def scores(keys):
+      return jnp.einsum("bqkgd,bksd->bkgqs", qg, keys.astype(self.dtype),
+                        preferred_element_type=jnp.float32) * scale
+
+    neg = jnp.finfo(jnp.float32).min
+    logits = jnp.where(mask[:, :, None], scores(k), neg)            # the S new keys
+    if layer_cache is not None:                                     # + the cached positions
+      cached = jnp.arange(layer_cache["k"].shape[2]) < start
+      logits = jnp.concatenate(
+          [jnp.where(cached, scores(layer_cache["k"]), neg), logits], axis=-1)
     probs = jax.nn.softmax(logits, axis=-1)
     if self.attn_dropout > 0 and not self.deterministic:
       probs = nn.Dropout(self.attn_dropout)(probs, deterministic=False)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(self.dtype), v.astype(self.dtype),
-                     preferred_element_type=jnp.float32).astype(self.dtype)
+
+    def mix(p, vals):
+      return jnp.einsum("bkgqs,bksd->bqkgd", p.astype(self.dtype), vals.astype(self.dtype),
+                        preferred_element_type=jnp.float32)
+
+    if layer_cache is None:
+      out = mix(probs, v)
+    else:  # two products, not a concatenation (which would copy the cache every call)
+      n_cached = layer_cache["v"].shape[2]
+      out = mix(probs[..., :n_cached], layer_cache["v"]) + mix(probs[..., n_cached:], v)
+    out = out.astype(self.dtype)
     out = _dense(self.dim, ("heads_merged", "embed"), self.dtype, "wo")(
         out.reshape(b, s, self.num_heads * hd))
     x = x + nn.Dropout(self.resid_dropout)(out, deterministic=self.deterministic)
@@ -120,7 +136,8 @@ class Block(nn.Module):
     up = _dense(self.ffn_hidden, ("embed", "mlp"), self.dtype, "w3")(h)
     ffn = _dense(self.dim, ("mlp", "embed"), self.dtype, "w2")(nn.silu(gate) * up)
     x = x + nn.Dropout(self.ffn_dropout)(ffn, deterministic=self.deterministic)
-    return x, new_cache
+    new_kv = None if layer_cache is None else {"k": k, "v": v}
+    return x, new_kv
 
 
 class GPT(nn.Module):
@@ -203,23 +220,31 @@ class GPT(nn.Module):
 
     full_table = jnp.asarray(rope_lib.rope_2d_table(self.block_size, self.head_dim,
                                                     base=self.rope_base))
-    if cache is None:
-      rope = full_table[:s]
-      mask = layers.causal_mask(s)
-    else:
-      rope = jax.lax.dynamic_slice_in_dim(full_table, start, s)
-      keys = cache["k"].shape[2]
-      mask = (jnp.arange(keys)[None, :] <= start + jnp.arange(s)[:, None])[None, None]
+    rope = full_table[:s] if cache is None else jax.lax.dynamic_slice_in_dim(full_table, start, s)
+    mask = layers.causal_mask(s)
 
-    block = nn.remat(Block, prevent_cse=False) if self.remat else Block
-    stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True,
-                                                                     "dropout": True},
-                    in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
-                    length=self.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-    x, new_cache = stack(self.dim, self.num_heads, self.num_kv_heads, self.ffn_hidden,
-                         self.norm_eps, self.attn_dropout, self.resid_dropout,
-                         self.ffn_dropout, deterministic, self.dtype, name="layers")(
-                             x, cache, rope, mask, start)
+    block_args = (self.dim, self.num_heads, self.num_kv_heads, self.ffn_hidden, self.norm_eps,
+                  self.attn_dropout, self.resid_dropout, self.ffn_dropout, deterministic,
+                  self.dtype)
+    new_cache = None
+    if cache is None:
+      block = nn.remat(Block, prevent_cse=False) if self.remat else Block
+      stack = nn.scan(block, variable_axes={"params": 0},
+                      split_rngs={"params": True, "dropout": True},
+                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                      length=self.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = stack(*block_args, name="layers")(x, None, rope, mask, start)
+    else:
+      # Decoding reads per-layer params (`unstack_layers`) and per-layer cache buffers: slicing a
+      # stacked cache in the layer loop would copy every layer's cache at every token, and
+      # writing each layer's own buffer keeps the update in place.
+      new_cache = {"k": [], "v": []}
+      for i in range(self.num_layers):
+        layer_cache = {"k": cache["k"][i], "v": cache["v"][i]}
+        x, kv = Block(*block_args, name=f"layer_{i}")(x, layer_cache, rope, mask, start)
+        for n in ("k", "v"):
+          new_cache[n].append(jax.lax.dynamic_update_slice(
+              layer_cache[n], kv[n].astype(layer_cache[n].dtype), (0, 0, start, 0)))
     x = RMSNorm(self.norm_eps, self.dtype, name="norm")(x)
     head = self.param("output", layers.logical(nn.initializers.zeros, ("embed", "vocab")),
                       (self.dim, self.vocab_size), jnp.float32)
@@ -231,8 +256,20 @@ class GPT(nn.Module):
 def init_cache(model: GPT, batch: int, max_len: int | None = None) -> Cache:
   """Zero KV cache for `batch` rows and `max_len` positions (default 1 + block_size)."""
   max_len = model.block_size + 1 if max_len is None else max_len
-  shape = (model.num_layers, batch, max_len, model.num_kv_heads, model.head_dim)
-  return {"k": jnp.zeros(shape, model.dtype), "v": jnp.zeros(shape, model.dtype)}
+  shape = (batch, model.num_kv_heads, max_len, model.head_dim)
+  return {n: [jnp.zeros(shape, model.dtype) for _ in range(model.num_layers)]
+          for n in ("k", "v")}
+
+
+def unstack_layers(params) -> dict:
+  """Params with the scanned `layers` (leading layer axis) split into `layer_0`, `layer_1`, ...:
+  the layout `GPT.__call__` reads when decoding with a cache."""
+  params = dict(params)
+  stacked = params.pop("layers")
+  n = jax.tree.leaves(stacked)[0].shape[0]
+  for i in range(n):
+    params[f"layer_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+  return params
 
 
 def num_params(params) -> int:

@@ -79,6 +79,7 @@ def _generate(params, labels, row_ids, key, scales, guided_tokens, temperature, 
   rows = jnp.concatenate([labels, jnp.full_like(labels, model.null_class)]) if guided \
       else labels
   cache = gpt_lib.init_cache(model, rows.shape[0], t)
+  params = gpt_lib.unstack_layers(params)
 
   def guide(logits, n):
     if not guided:
