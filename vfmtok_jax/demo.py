@@ -23,6 +23,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app
 from absl import flags
+from absl import logging
 import jax
 import numpy as np
 
@@ -128,7 +129,11 @@ def run(workdir: str, *, per_class: int = 4, cfg: float = 2.0) -> dict:
           f"{report['eval_loss']:.3f} at the end (uniform log V = "
           f"{report['eval_uniform_loss']:.3f})")
   print(f"total {report['total_s'] / 60:.1f} min")
-  with open(os.path.join(workdir, "demo_report.json"), "w") as f:
+  path = os.path.join(workdir, "demo_report.json")
+  if os.path.isfile(path):  # a re-run keeps the numbers of the stages it reused
+    with open(path) as f:
+      report = {**json.load(f), **report}
+  with open(path, "w") as f:
     json.dump(report, f, indent=1)
   return report
 
@@ -136,6 +141,8 @@ def run(workdir: str, *, per_class: int = 4, cfg: float = 2.0) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # the stages' own lines, not Orbax's INFO logs
+    logging.set_verbosity(logging.WARNING)
   compilation_cache.enable(_CACHE.value)
   run(_WORKDIR.value, per_class=_SAMPLES.value, cfg=_CFG.value)
 
