@@ -8,9 +8,9 @@ Configuration (the one the official code was timed at, `../shared/docs/perf-note
 included), float32. Sampling: temperature 1, top-k 0, top-p 1, at CFG 2.0 and CFG-free, batch 4
 and `--big_batch`; one compiled program per batch shape (compile time reported apart), timed in
 interleaved rounds; tokens/s counts the B x 256 generated tokens; in float32 and with bf16
-compute (bf16 weights in the matmuls and a bf16 KV cache, as the reference's bf16 sampling). Train step: batch 4, the
-reference's dropouts, AdamW + clip + EMA, in float32 and with bf16 compute; FLOPs from the
-compiled program's cost analysis.
+compute (bf16 weights in the matmuls and a bf16 KV cache, as the reference's bf16 sampling).
+Train step: batch 4, the reference's dropouts, AdamW + clip + EMA, in float32 and with bf16
+compute; FLOPs from the compiled program's cost analysis.
 """
 
 from __future__ import annotations

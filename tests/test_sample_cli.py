@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from vfmtok_jax import gpt_io
-from vfmtok_jax import tokenizer_io
+from vfmtok_jax import tokenizer_io as tok_io
 from vfmtok_jax.tasks import sampler
 
 ROOT = str(pathlib.Path(__file__).resolve().parents[1])
@@ -24,6 +25,12 @@ def golden_gpt(tmp_path_factory, fixtures_dir):
   path = str(tmp_path_factory.mktemp("gpt") / "gpt")
   gpt_io.save_gpt(path, model, params, source="golden")
   return path, model, params
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
 
 
 def _sample(*args):
@@ -81,4 +88,43 @@ def test_gpt_and_tokenizer_must_match(golden_gpt, golden_tokenizer):
     sampler.check_pair({}, model.clone(block_size=64), tok)
   with pytest.raises(ValueError, match="another tokenizer"):
     sampler.check_pair({"tokenizer": {"fingerprint": "0" * 16, "path": "x"}}, model, tok)
-  sampler.check_pair({"tokenizer": {"fingerprint": tokenizer_io.fingerprint(tok)}}, model, tok)
+  sampler.check_pair({"tokenizer": {"fingerprint": tok_io.fingerprint(tok)}}, model, tok)
+
+
+def test_decoding_resizes_like_the_reference(golden_tokenizer, tokenizer_io):
+  """`decode_codes_to_img(indices, 48)` of the official code: decode, bicubic 32 -> 48, uint8."""
+  _, tok = golden_tokenizer
+  indices = tokenizer_io["indices"].astype(np.int32)
+  for size, name in ((32, "codes_to_img_uint8"), (48, "codes_to_img_uint8_48")):
+    got = sampler.decode_to_uint8(tok, indices, size, batch_size=1)
+    want = tokenizer_io[name]
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got.astype(int), want.astype(int), atol=1)  # truncation edges
+    assert (got != want).mean() < 0.01
+  assert sampler.output_size(tok, 0) == 32 and sampler.output_size(tok, 64) == 64
+
+
+def test_two_processes_sample_what_one_samples(golden_gpt, tmp_path):
+  """The batch sharded over 2 processes x 2 devices draws exactly the one-process samples."""
+  port = _free_port()
+  args = ["--gpt", golden_gpt[0], "--labels", "0,1,2,3,4,5,6,7,8,9,1,2", "--cfg", "2.0",
+          "--top_k", "50", "--top_p", "0.9", "--seed", "3", "--batch_size", "8"]
+  base = dict(os.environ, JAX_PLATFORMS="cpu",
+              XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  # A 2-process executable must not be confused with a 1-process one in the persistent cache.
+  cache = os.path.join(os.environ.get("JAX_COMPILATION_CACHE_DIR", str(tmp_path)),
+                       "two_processes")
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "vfmtok_jax.sample", *args, "--out", str(tmp_path / "two.npz")],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      env=dict(base, VFMTOK_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+               JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i), VFMTOK_CPU_COLLECTIVES="gloo",
+               JAX_COMPILATION_CACHE_DIR=cache)) for i in range(2)]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  one = _sample(*args, "--out", str(tmp_path / "one.npz"))
+  assert one.returncode == 0, one.stderr[-3000:]
+  with np.load(tmp_path / "two.npz") as a, np.load(tmp_path / "one.npz") as b:
+    np.testing.assert_array_equal(a["indices"], b["indices"])
+    np.testing.assert_array_equal(a["labels"], b["labels"])

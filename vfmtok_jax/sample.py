@@ -33,7 +33,6 @@ from vfmtok_jax import distributed
 from vfmtok_jax import gpt_io
 from vfmtok_jax import tokenizer_io
 from vfmtok_jax.data import images as image_io
-from vfmtok_jax.ops import resize
 from vfmtok_jax.tasks import sampler
 
 _GPT = flags.DEFINE_string("gpt", None, "GPT folder (train_gpt's workdir/gpt or convert gpt)")
@@ -86,13 +85,7 @@ def main(argv):
   out = {"indices": tokens.astype(np.int32), "labels": labels}
   if tok is not None:
     size = sampler.output_size(tok, _IMAGE_SIZE.value)
-    decoded = []
-    for start in range(0, len(tokens), _BATCH.value):
-      imgs = tok.decode_indices(tokens[start:start + _BATCH.value])
-      if imgs.shape[1] != size:
-        imgs = resize.resize(imgs, (size, size), "torch_bicubic")
-      decoded.append(image_io.to_uint8(np.asarray(imgs)))
-    out["arr_0"] = np.concatenate(decoded)
+    out["arr_0"] = sampler.decode_to_uint8(tok, tokens, size, batch_size=_BATCH.value)
     out["arr_1"] = labels
   if jax.process_index() == 0:
     np.savez(_OUT.value, **out)

@@ -27,7 +27,9 @@ import numpy as np
 
 from vfmtok_jax import distributed
 from vfmtok_jax import tokenizer_io
+from vfmtok_jax.data import images as image_io
 from vfmtok_jax.models import gpt as gpt_lib
+from vfmtok_jax.ops import resize
 from vfmtok_jax.ops import sampling
 
 CFG_SCHEDULES = ("constant", "linear")
@@ -231,3 +233,16 @@ def generate_all(model, params, labels: np.ndarray, settings, *, seed: int, batc
     timed_rows += b
   sample_s = time.perf_counter() - t0
   return np.concatenate(out)[:n], compile_s, sample_s, timed_rows
+
+
+def decode_to_uint8(tok, tokens: np.ndarray, size: int, *, batch_size: int = 32) -> np.ndarray:
+  """Codes -> uint8 (B, size, size, 3) as the reference's `decode_codes_to_img`: decode, bicubic
+  resize (`F.interpolate`, align_corners=False, no antialias) when `size` differs from the
+  tokenizer's, then `x * 127.5 + 128`, clamp and truncation."""
+  out = []
+  for start in range(0, len(tokens), batch_size):
+    images = tok.decode_indices(tokens[start:start + batch_size])
+    if images.shape[1] != size:
+      images = resize.resize(images, (size, size), "torch_bicubic")
+    out.append(image_io.to_uint8(distributed.to_host(images)))
+  return np.concatenate(out)
