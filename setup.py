@@ -16,6 +16,7 @@ INSTALL_REQUIRES = [
     "chex>=0.1.92",
     "absl-py>=2.5.1",
     "safetensors>=0.8.0",
+    "array-record>=0.8.6",  # pre-extracted GPT training codes (data/codes.py)
     "onnx>=1.23.2",
     "numpy>=2.4",
     "pillow>=11.3",

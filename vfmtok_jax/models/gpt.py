@@ -191,7 +191,8 @@ class GPT(nn.Module):
       tokens: (B, n) int image tokens, or None (prefill: the class token alone).
       labels: (B,) int class ids in [0, num_classes] (num_classes = null), or None when the
         sequence continues a cache that already holds the class token.
-      cache: None (teacher forcing from position 0) or `init_cache(...)`.
+      cache: None (teacher forcing from position 0) or `init_cache(...)`; with a cache the
+        params must be `unstack_layers(params)`.
       start: the sequence position of the first input (cache decoding only).
       deterministic: False applies the dropouts and the class dropout (rng 'dropout').
 
@@ -237,7 +238,8 @@ class GPT(nn.Module):
     else:
       # Decoding reads per-layer params (`unstack_layers`) and per-layer cache buffers: slicing a
       # stacked cache in the layer loop would copy every layer's cache at every token, and
-      # writing each layer's own buffer keeps the update in place.
+      # writing each layer's own buffer keeps the update in place. The price: the decode
+      # program's size (and compile time) grows with depth, unlike the scanned training step.
       new_cache = {"k": [], "v": []}
       for i in range(self.num_layers):
         layer_cache = {"k": cache["k"][i], "v": cache["v"][i]}
