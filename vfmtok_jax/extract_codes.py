@@ -4,7 +4,7 @@ r"""Run a trained tokenizer over a dataset once and store the codes for AR train
       --config configs/extract_codes.py:demo --out runs/demo/codes
   python -m vfmtok_jax.extract_codes --tokenizer TOK_DIR \
       --config configs/extract_codes.py:imagenet --config.input.data_dir=gs://bucket/tfds \
-      --config.variants=ten_crop --out gs://bucket/codes
+      --config.variants=ten_crop --out /data/codes
 
 Writes `data/codes.py`'s folder (`tasks/code_extraction.py`): ArrayRecord shards, one writer per
 process, then codes.json. Running it again on the same --out keeps the finished shards and

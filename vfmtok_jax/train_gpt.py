@@ -4,7 +4,7 @@ r"""Train the class-conditional GPT on pre-extracted codes.
       --config.data.codes=runs/demo/codes --config.tokenizer=runs/demo/tokenizer \
       --workdir runs/demo/gpt
   python -m vfmtok_jax.train_gpt --config configs/gpt.py:gpt_b \
-      --config.data.codes=gs://bucket/codes --workdir gs://bucket/runs/gpt_b
+      --config.data.codes=/data/codes --workdir runs/gpt_b
 
 Re-running with the same workdir resumes from its latest complete checkpoint (data position
 included); compiled steps are kept in a persistent cache (--compilation_cache, 'off' to
