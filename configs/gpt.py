@@ -51,8 +51,9 @@ def get_config(arg=None):
 
   # Codes: a folder of `extract_codes` shards; `variants` which augmentations to draw from
   # ("all": one at random per example per epoch, as the reference's random flip; "first":
-  # always the original). held_out: examples kept aside for the held-out loss.
-  c.data = dict(codes="", variants="all", held_out=0, shuffle_seed=0)
+  # always the original). held_out: examples kept aside for the held-out loss, drawn with
+  # held_out_seed (the training order comes from `seed`).
+  c.data = dict(codes="", variants="all", held_out=0, held_out_seed=0)
 
   # Optimisation (spec 7.3): AdamW(1e-4, 0.9/0.95, wd 0.05 on params with ndim >= 2), clip 1.0,
   # EMA 0.9999; no warm-up or schedule in the reference (warmup_steps 0, decay "constant").

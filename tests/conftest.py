@@ -42,15 +42,10 @@ def tokenizer_state():
 @pytest.fixture(scope="session")
 def golden_tokenizer(tmp_path_factory):
   """(folder, VFMTok) of the golden tokenizer, its VFM read at 112 px (8 x 8 patches: fast)."""
-  from configs import tokenizer as tokenizer_configs  # pylint: disable=g-import-not-at-top
+  from tests import tiny_training  # pylint: disable=g-import-not-at-top
   from vfmtok_jax import tokenizer_io as tok_io  # pylint: disable=g-import-not-at-top
   from vfmtok_jax.convert import __main__ as convert_cli  # pylint: disable=g-import-not-at-top
-  c = tokenizer_configs.get_config("official")
-  c.model.decoder_heads = 4
-  c.model.decoder_grid = 16
-  c.vfm.levels = (0, 1, 2, 3)
-  c.vfm.num_heads = 3
-  c.vfm.size = 112
+  c = tiny_training.golden_tokenizer_config(vfm_size=112)
   path = str(tmp_path_factory.mktemp("tok") / "tok")
   convert_cli.convert_tokenizer(str(FIXTURES / "tokenizer.safetensors"), path, c)
   return path, tok_io.load_tokenizer(path)

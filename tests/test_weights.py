@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from configs import tokenizer as tokenizer_configs
+from tests import tiny_training
 from vfmtok_jax import tokenizer_io
 from vfmtok_jax.convert import __main__ as convert_cli
 from vfmtok_jax.weights import files
@@ -39,14 +39,7 @@ def _adam_state() -> dict:
 
 
 def _golden_config():
-  """configs/tokenizer.py:official with what the golden fixture sets (tests/test_tokenizer_cli)."""
-  c = tokenizer_configs.get_config("official")
-  c.model.decoder_heads = 4
-  c.model.decoder_grid = 16
-  c.vfm.levels = (0, 1, 2, 3)
-  c.vfm.num_heads = 3
-  c.vfm.size = 336
-  return c
+  return tiny_training.golden_tokenizer_config()
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,18 @@ def golden_vfm_file(directory) -> str:
   return path
 
 
+def golden_tokenizer_config(vfm_size: int = 336):
+  """configs/tokenizer.py:official with what the golden fixture sets (the reference's sizes,
+  its 4 decoder heads on a 16 x 16 grid, the golden VFM's levels and 3 heads)."""
+  c = tokenizer_configs.get_config("official")
+  c.model.decoder_heads = 4
+  c.model.decoder_grid = 16
+  c.vfm.levels = (0, 1, 2, 3)
+  c.vfm.num_heads = 3
+  c.vfm.size = vfm_size
+  return c
+
+
 def tiny_config(directory, *, total_steps=4, **top):
   """16 px images, VFM at 28 px (2x2 patches), 4 region queries, codebook 64 x 8."""
   c = tokenizer_configs.get_config("demo")

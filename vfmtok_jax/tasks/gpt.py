@@ -52,7 +52,7 @@ class DataSettings:
   codes: str = ""            # codes folder ("" only for shape-only uses, e.g. AOT plans)
   variants: str = "all"      # "all" | "first"
   held_out: int = 0          # examples kept for the held-out loss
-  shuffle_seed: int = 0
+  held_out_seed: int = 0     # which examples are held out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,16 +64,10 @@ class SampleGridSettings:
   top_p: float = 1.0
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None
-                  ) -> tuple[jax.Array, jax.Array]:
-  """(mean CE, mean top-1 accuracy) over (B, T) positions, optionally over masked rows."""
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(mean CE, mean top-1 accuracy) over the (B, T) positions; logits (B, T, V)."""
   ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-  hit = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
-  if mask is None:
-    return ce.mean(), hit.mean()
-  w = jnp.broadcast_to(mask[:, None].astype(jnp.float32), ce.shape)
-  n = jnp.maximum(w.sum(), 1.0)
-  return (ce * w).sum() / n, (hit * w).sum() / n
+  return ce.mean(), (jnp.argmax(logits, -1) == targets).astype(jnp.float32).mean()
 
 
 class GPTTask(task_lib.Task):
@@ -140,7 +134,7 @@ class GPTTask(task_lib.Task):
   def _splits(self) -> tuple[np.ndarray, np.ndarray]:
     if self._split is None:
       self._split = codes_lib.split_held_out(len(self.dataset), self.data.held_out,
-                                             self.data.shuffle_seed)
+                                             self.data.held_out_seed)
     return self._split
 
   def train_iterator(self, start_position, batch_shardings):
