@@ -175,6 +175,27 @@ def test_cfg_free_skips_the_unconditional_half(oracle):
   assert flops(1.0) < 0.6 * flops(2.0)
 
 
+def test_decoder_program_does_not_grow_with_depth(oracle):
+  """Layers run under a scan in the decoder too: 1 and 4 layers lower to the same program
+  apart from shapes (the same number of dots and ops), so compile time does not grow."""
+  _, model, params = oracle
+  labels = jnp.zeros((2,), jnp.int32)
+
+  def program(num_layers):
+    m = model.clone(num_layers=num_layers)
+    p = dict(params, layers=jax.tree.map(
+        lambda x: jnp.concatenate([x] * (-(-num_layers // x.shape[0])))[:num_layers],
+        params["layers"]))
+    s = sampler.SamplingSettings(cfg_scale=2.0)
+    scales, guided = sampler.guidance(s, m.block_size)
+    fn = sampler._compiled(m, True, 0, 1.0, False)  # pylint: disable=protected-access
+    text = fn.lower(p, labels, jnp.arange(2), jax.random.PRNGKey(0), scales, guided,
+                    jnp.float32(1.0)).as_text()
+    return text.count("dot_general"), len(text.splitlines())
+  one, four = program(1), program(4)
+  assert one[0] > 0 and one == four
+
+
 def test_guidance_schedule_and_interval():
   scale, guided = sampler.guidance(sampler.SamplingSettings(cfg_scale=3.0, cfg_interval=2), 8)
   np.testing.assert_array_equal(guided, [1, 1, 1, 1, 0, 0, 0, 0])
@@ -271,3 +292,18 @@ def test_draws_follow_the_filtered_distribution():
   freq = np.bincount(draws, minlength=6) / 20000
   np.testing.assert_allclose(freq, probs, atol=0.012)  # ~3.5 sigma at p = 0.5
   assert freq[3] == 0 and freq[5] == 0
+
+
+@pytest.mark.parametrize("vocab", [1, 6, 1000])
+def test_inverse_cdf_matches_a_float64_search(vocab):
+  """The two-level inverse CDF returns the index numpy's search over the float64 running sum
+  returns (filtered entries have weight 0 and are never returned)."""
+  rng = np.random.default_rng(vocab)
+  weights = rng.exponential(size=(64, vocab)) * (rng.random((64, vocab)) < 0.7)
+  weights[:, rng.integers(vocab)] = 1.0  # every row has a positive entry
+  u = rng.uniform(1e-6, 1.0, 64)
+  got = np.asarray(sampling.inverse_cdf(jnp.asarray(weights, jnp.float32), jnp.asarray(u)))
+  cdf = np.cumsum(weights, -1)
+  want = np.array([np.searchsorted(c, x * c[-1]) for c, x in zip(cdf, u)])
+  assert (weights[np.arange(64), got] > 0).all()
+  np.testing.assert_array_equal(got, want)

@@ -8,11 +8,12 @@ class with probability `class_dropout`. Pre-norm blocks: `h = x + wo(attn(rms(x)
 logits are float32. Position s predicts image token s (the class token predicts token 0).
 
 One `__call__` serves teacher forcing (no cache: positions from 0) and KV-cache decoding
-(`cache` from `init_cache`, positions from `start`, params from `unstack_layers`): prefill with
-the labels alone at start 0, then one token per call at start i + 1.
+(`cache` from `init_cache`, positions from `start`): prefill with the labels alone at start 0,
+then one token per call at start i + 1.
 
 Parameter layout: the layer stack is one scanned module `layers` whose params carry a leading
-(num_layers,) axis (logical name `layers`), so compile time does not grow with depth.
+(num_layers,) axis (logical name `layers`), and the KV cache carries the same leading axis, so
+neither the training step's nor the decoder's compile time grows with depth.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from vfmtok_jax.models import layers
 from vfmtok_jax.models import rope as rope_lib
 
 Dtype = Any
-# {"k", "v"}: a list over layers of (B, num_kv_heads, max_len, head_dim) in the compute dtype;
-# heads before positions, so attention reads it as a batched matmul without a transpose.
+# {"k", "v"}: (num_layers, B, num_kv_heads, max_len, head_dim) in the compute dtype; heads
+# before positions, so attention reads it as a batched matmul without a transpose.
 Cache = dict
 
 
@@ -191,8 +192,7 @@ class GPT(nn.Module):
       tokens: (B, n) int image tokens, or None (prefill: the class token alone).
       labels: (B,) int class ids in [0, num_classes] (num_classes = null), or None when the
         sequence continues a cache that already holds the class token.
-      cache: None (teacher forcing from position 0) or `init_cache(...)`; with a cache the
-        params must be `unstack_layers(params)`.
+      cache: None (teacher forcing from position 0) or `init_cache(...)`.
       start: the sequence position of the first input (cache decoding only).
       deterministic: False applies the dropouts and the class dropout (rng 'dropout').
 
@@ -227,26 +227,19 @@ class GPT(nn.Module):
     block_args = (self.dim, self.num_heads, self.num_kv_heads, self.ffn_hidden, self.norm_eps,
                   self.attn_dropout, self.resid_dropout, self.ffn_dropout, deterministic,
                   self.dtype)
+    block = nn.remat(Block, prevent_cse=False) if self.remat and cache is None else Block
+    stack = nn.scan(block, variable_axes={"params": 0},
+                    split_rngs={"params": True, "dropout": True},
+                    in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                    length=self.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+    # Each layer reads its slice of the stacked cache; the S new keys and values of all layers
+    # come out of the scan stacked, and are written into the cache once, after it (in place
+    # when the cache is a loop carry or donated).
+    x, new_kv = stack(*block_args, name="layers")(x, cache, rope, mask, start)
     new_cache = None
-    if cache is None:
-      block = nn.remat(Block, prevent_cse=False) if self.remat else Block
-      stack = nn.scan(block, variable_axes={"params": 0},
-                      split_rngs={"params": True, "dropout": True},
-                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
-                      length=self.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = stack(*block_args, name="layers")(x, None, rope, mask, start)
-    else:
-      # Decoding reads per-layer params (`unstack_layers`) and per-layer cache buffers: slicing a
-      # stacked cache in the layer loop would copy every layer's cache at every token, and
-      # writing each layer's own buffer keeps the update in place. The price: the decode
-      # program's size (and compile time) grows with depth, unlike the scanned training step.
-      new_cache = {"k": [], "v": []}
-      for i in range(self.num_layers):
-        layer_cache = {"k": cache["k"][i], "v": cache["v"][i]}
-        x, kv = Block(*block_args, name=f"layer_{i}")(x, layer_cache, rope, mask, start)
-        for n in ("k", "v"):
-          new_cache[n].append(jax.lax.dynamic_update_slice(
-              layer_cache[n], kv[n].astype(layer_cache[n].dtype), (0, 0, start, 0)))
+    if cache is not None:
+      new_cache = {n: jax.lax.dynamic_update_slice(
+          cache[n], new_kv[n].astype(cache[n].dtype), (0, 0, 0, start, 0)) for n in ("k", "v")}
     x = RMSNorm(self.norm_eps, self.dtype, name="norm")(x)
     head = self.param("output", layers.logical(nn.initializers.zeros, ("embed", "vocab")),
                       (self.dim, self.vocab_size), jnp.float32)
@@ -258,20 +251,8 @@ class GPT(nn.Module):
 def init_cache(model: GPT, batch: int, max_len: int | None = None) -> Cache:
   """Zero KV cache for `batch` rows and `max_len` positions (default 1 + block_size)."""
   max_len = model.block_size + 1 if max_len is None else max_len
-  shape = (batch, model.num_kv_heads, max_len, model.head_dim)
-  return {n: [jnp.zeros(shape, model.dtype) for _ in range(model.num_layers)]
-          for n in ("k", "v")}
-
-
-def unstack_layers(params) -> dict:
-  """Params with the scanned `layers` (leading layer axis) split into `layer_0`, `layer_1`, ...:
-  the layout `GPT.__call__` reads when decoding with a cache."""
-  params = dict(params)
-  stacked = params.pop("layers")
-  n = jax.tree.leaves(stacked)[0].shape[0]
-  for i in range(n):
-    params[f"layer_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
-  return params
+  shape = (model.num_layers, batch, model.num_kv_heads, max_len, model.head_dim)
+  return {n: jnp.zeros(shape, model.dtype) for n in ("k", "v")}
 
 
 def num_params(params) -> int:

@@ -81,7 +81,8 @@ def _generate(params, labels, row_ids, key, scales, guided_tokens, temperature, 
   rows = jnp.concatenate([labels, jnp.full_like(labels, model.null_class)]) if guided \
       else labels
   cache = gpt_lib.init_cache(model, rows.shape[0], t)
-  params = gpt_lib.unstack_layers(params)
+  # The matmul weights in the compute dtype once, not at every token (norm scales stay f32).
+  params = jax.tree.map(lambda w: w.astype(model.dtype) if w.ndim >= 2 else w, params)
 
   def guide(logits, n):
     if not guided:
