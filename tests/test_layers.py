@@ -13,11 +13,12 @@ LAYERS = (
     ("vfmtok_jax.models",),
     ("vfmtok_jax.vfm_zoo", "vfmtok_jax.vfmtok", "vfmtok_jax.tokenizer_io", "vfmtok_jax.gpt_io"),
     ("vfmtok_jax.losses", "vfmtok_jax.data"),
+    ("vfmtok_jax.evaluators",),
     ("vfmtok_jax.train",),
     ("vfmtok_jax.tasks",),
     ("vfmtok_jax.train_tokenizer", "vfmtok_jax.features", "vfmtok_jax.tokenize",
      "vfmtok_jax.convert", "vfmtok_jax.train_gpt", "vfmtok_jax.extract_codes",
-     "vfmtok_jax.sample", "vfmtok_jax.demo"),
+     "vfmtok_jax.sample", "vfmtok_jax.demo", "vfmtok_jax.evaluate"),
 )
 
 

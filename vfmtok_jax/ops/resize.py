@@ -1,4 +1,4 @@
-"""Resizes that reproduce PyTorch / kornia exactly, as separable matrices.
+"""Resizes that reproduce PyTorch / kornia / TF1 exactly, as separable matrices.
 
 `jax.image.resize` uses the Keys cubic with a = -0.5 and its own coordinate rules, which is
 not what the reference code calls. The reference resizes through
@@ -10,7 +10,8 @@ not what the reference code calls. The reference resizes through
   * `kornia.geometry.resize(..., "bicubic", align_corners=True, antialias=True)`: a Gaussian
     blur (reflect borders) when downscaling, then the plain bicubic above;
   * `F.interpolate(mode="area")` (= `adaptive_avg_pool2d`), which the DINO discriminator uses
-    to shrink its input.
+    to shrink its input;
+  * TF1's legacy `resize_bilinear` (no half-pixel centres), inside the FID Inception graph.
 
 Every resize here is linear and separable, so it is built once in numpy (float64) as an
 (out, in) matrix per axis and applied with two einsums. Shapes are static, so the matrices
@@ -139,6 +140,21 @@ def kornia_bicubic_matrix(in_size: int, out_size: int, *, align_corners: bool = 
   return mat
 
 
+def tf_legacy_bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """(out, in) matrix of TF1's `resize_bilinear(align_corners=False)` without half-pixel
+  centres (the Inception graph's `ResizeBilinear`): source `i * in / out` (computed in float32
+  as TF does), linear between floor and floor + 1, the upper index clamped to the border."""
+  scale = np.float32(in_size) / np.float32(out_size)
+  src = np.arange(out_size, dtype=np.float32) * scale
+  lower = np.floor(src).astype(np.int64)
+  upper = np.minimum(lower + 1, in_size - 1)
+  frac = (src - lower).astype(np.float64)
+  m = np.zeros((out_size, in_size))
+  np.add.at(m, (np.arange(out_size), lower), 1.0 - frac)
+  np.add.at(m, (np.arange(out_size), upper), frac)
+  return m
+
+
 def apply_hw(x: jnp.ndarray, rows: np.ndarray, cols: np.ndarray) -> jnp.ndarray:
   """Applies per-axis matrices to the H and W axes of an NHWC (or HWC) array.
 
@@ -185,6 +201,8 @@ def resize_matrices(in_hw: tuple[int, int], out_hw: tuple[int, int], method: str
     "torch_bicubic_antialias": F.interpolate bicubic with antialias=True.
     "kornia_bicubic": kornia.geometry.resize bicubic, align_corners=True, antialias=True
       (the VFMTok reference's VFM input resize).
+    "tf_legacy_bilinear": TF1 resize_bilinear, align_corners=False, no half-pixel centres
+      (the FID Inception graph's input resize).
   """
   sf = scale_factor or (None, None)
   if method == "torch_bicubic":
@@ -198,8 +216,12 @@ def resize_matrices(in_hw: tuple[int, int], out_hw: tuple[int, int], method: str
             antialiased_bicubic_matrix(in_hw[1], out_hw[1], scale_factor=sf[1]))
   if method == "kornia_bicubic":
     return (kornia_bicubic_matrix(in_hw[0], out_hw[0]), kornia_bicubic_matrix(in_hw[1], out_hw[1]))
+  if method == "tf_legacy_bilinear":
+    return (tf_legacy_bilinear_matrix(in_hw[0], out_hw[0]),
+            tf_legacy_bilinear_matrix(in_hw[1], out_hw[1]))
   raise ValueError(f"unknown resize method {method!r}; expected one of torch_bicubic, "
-                   "torch_bicubic_align_corners, torch_bicubic_antialias, kornia_bicubic")
+                   "torch_bicubic_align_corners, torch_bicubic_antialias, kornia_bicubic, "
+                   "tf_legacy_bilinear")
 
 
 def resize(x: jnp.ndarray, out_hw: tuple[int, int], method: str,

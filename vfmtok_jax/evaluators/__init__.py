@@ -1,0 +1,4 @@
+"""Evaluators: FID Inception features, the ADM metrics, ADM batch files.
+
+Above models / weights / ops, below the tasks and command lines.
+"""
