@@ -221,6 +221,10 @@ def test_evaluate_uses_stored_statistics_and_names_what_is_unavailable(oracle, t
   results, why = evaluate_cli.evaluate(paths["stats_only"], paths["sample"], extract)
   assert len(calls) == 1 and set(results) == {"inception_score", "fid"}
   assert "mu_s/sigma_s" in why["sfid"] and "no images" in why["precision"]
+  few = str(tmp_path / "few.npz")  # 3 images: no k = 3 neighbourhoods
+  batches.save(few, images=next(batches.iter_images(paths["sample"], 3)))
+  results, why = evaluate_cli.evaluate(paths["ref"], few, extract)
+  assert "precision" not in results and "more than 3" in why["recall"]
 
   out = _run(paths["ref"], paths["sample"], "--inception", str(tmp_path / "absent.pth"))
   assert out.returncode != 0 and "absent.pth" in out.stderr and "pt_inception" in out.stderr

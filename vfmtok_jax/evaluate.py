@@ -46,6 +46,8 @@ def features_of(path: str, batch: batches.BatchFile, extract, batch_size: int) -
   if batch.image_shape is None:
     return None
   parts = [extract(images) for images in batches.iter_images(path, batch_size)]
+  if not parts:
+    raise ValueError(f"{path}: {batches.IMAGES} holds no images")
   return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
@@ -84,8 +86,11 @@ def evaluate(ref_path: str, sample_path: str, extract, batch_size: int = 64
       except ValueError as e:  # e.g. too few images for the covariances: ADM would stop here
         why[key] = str(e)
   if ref_feats is not None and sample_feats is not None:
-    results["precision"], results["recall"] = adm.precision_recall(ref_feats["pool"],
-                                                                   sample_feats["pool"])
+    try:
+      results["precision"], results["recall"] = adm.precision_recall(ref_feats["pool"],
+                                                                     sample_feats["pool"])
+    except ValueError as e:  # too few images for k = 3 neighbourhoods
+      why["precision"] = why["recall"] = str(e)
   else:
     missing = [p for p, f in ((ref_path, ref_feats), (sample_path, sample_feats)) if f is None]
     for key in ("precision", "recall"):
