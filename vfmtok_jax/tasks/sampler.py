@@ -81,8 +81,10 @@ def _generate(params, labels, row_ids, key, scales, guided_tokens, temperature, 
   rows = jnp.concatenate([labels, jnp.full_like(labels, model.null_class)]) if guided \
       else labels
   cache = gpt_lib.init_cache(model, rows.shape[0], t)
-  # The matmul weights in the compute dtype once, not at every token (norm scales stay f32).
-  params = jax.tree.map(lambda w: w.astype(model.dtype) if w.ndim >= 2 else w, params)
+  # The matmul weights in the compute dtype once, not at every token. RMSNorm scales stay f32
+  # (by name: under the layer scan they are (num_layers, dim), so ndim cannot tell them apart).
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, w: w if path[-1].key == "scale" else w.astype(model.dtype), params)
 
   def guide(logits, n):
     if not guided:
