@@ -49,3 +49,31 @@ def golden_tokenizer(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("tok") / "tok")
   convert_cli.convert_tokenizer(str(FIXTURES / "tokenizer.safetensors"), path, c)
   return path, tok_io.load_tokenizer(path)
+
+
+@pytest.fixture(scope="session")
+def golden_gpt(tmp_path_factory):
+  """(folder, model, params) of the golden GPT (vocab 512, 16 tokens, 10 classes)."""
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  from vfmtok_jax import gpt_io  # pylint: disable=g-import-not-at-top
+  state = load_file(str(FIXTURES / "gpt.safetensors"))
+  model, params = gpt_io.gpt_from_state(state, source="golden", num_heads=4, block_size=16)
+  path = str(tmp_path_factory.mktemp("gpt") / "gpt")
+  gpt_io.save_gpt(path, model, params, source="golden")
+  return path, model, params
+
+
+# The longest tests (multi-process and subprocess trainings) start first, so that with
+# `-n 2` the other worker runs the short ones alongside instead of both waiting at the end.
+LONGEST_FIRST = (
+    "tests/test_multihost.py::test_two_processes_match_one",
+    "tests/test_train_tokenizer.py::test_resume_is_bitwise",
+    "tests/test_multihost.py::test_late_process_does_not_time_out_the_first_collective",
+    "tests/test_train_tokenizer.py::test_outputs_logs_images_export",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.nodeid, len(rank)))  # stable: the rest keep order

@@ -1,11 +1,12 @@
-"""The tokenizer trainer's command line, SIGKILLed while the async save of one step is written.
+"""A trainer's command line, SIGKILLed while the async save of one step is written.
 
-  python tests/kill_during_save.py --kill_during_save=3 --config ... --workdir ...
+  python tests/kill_during_save.py tokenizer|gpt --kill_during_save=3 --config ... --workdir ...
 
 A watcher thread polls the checkpoint folder and kills this process as soon as the temporary
 directory of that step's save appears (Orbax renames it when complete).
 """
 
+import importlib
 import os
 import signal
 import sys
@@ -17,7 +18,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from vfmtok_jax import train_tokenizer  # pylint: disable=g-import-not-at-top,wrong-import-position
+# The trainer is the first argument: each defines --config/--workdir, so only one is imported.
+_TRAINERS = {"tokenizer": "vfmtok_jax.train_tokenizer", "gpt": "vfmtok_jax.train_gpt"}
+if len(sys.argv) < 2 or sys.argv[1] not in _TRAINERS:
+  sys.exit(f"usage: {sys.argv[0]} {'|'.join(_TRAINERS)} --kill_during_save=STEP ...")
+trainer = importlib.import_module(_TRAINERS[sys.argv.pop(1)])
 
 _STEP = flags.DEFINE_integer("kill_during_save", 0, "step whose save is interrupted")
 
@@ -33,7 +38,7 @@ def _watch(directory: str, step: int) -> None:
 def main(argv):
   ckpt_dir = os.path.join(flags.FLAGS.workdir, "ckpt")
   threading.Thread(target=_watch, args=(ckpt_dir, _STEP.value), daemon=True).start()
-  train_tokenizer.main(argv)
+  trainer.main(argv)
 
 
 if __name__ == "__main__":

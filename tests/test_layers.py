@@ -18,7 +18,8 @@ LAYERS = (
     ("vfmtok_jax.tasks",),
     ("vfmtok_jax.train_tokenizer", "vfmtok_jax.features", "vfmtok_jax.tokenize",
      "vfmtok_jax.convert", "vfmtok_jax.train_gpt", "vfmtok_jax.extract_codes",
-     "vfmtok_jax.sample", "vfmtok_jax.demo", "vfmtok_jax.evaluate"),
+     "vfmtok_jax.sample", "vfmtok_jax.demo", "vfmtok_jax.evaluate", "vfmtok_jax.eval_tokenizer",
+     "vfmtok_jax.eval_generator", "vfmtok_jax.score_demo"),
 )
 
 

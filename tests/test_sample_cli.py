@@ -9,22 +9,11 @@ import sys
 import jax
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
 
-from vfmtok_jax import gpt_io
 from vfmtok_jax import tokenizer_io as tok_io
 from vfmtok_jax.tasks import sampler
 
 ROOT = str(pathlib.Path(__file__).resolve().parents[1])
-
-
-@pytest.fixture(scope="module")
-def golden_gpt(tmp_path_factory, fixtures_dir):
-  state = load_file(str(fixtures_dir / "gpt.safetensors"))
-  model, params = gpt_io.gpt_from_state(state, source="golden", num_heads=4, block_size=16)
-  path = str(tmp_path_factory.mktemp("gpt") / "gpt")
-  gpt_io.save_gpt(path, model, params, source="golden")
-  return path, model, params
 
 
 def _free_port() -> int:

@@ -19,6 +19,7 @@ from vfmtok_jax import gpt_io
 from vfmtok_jax.data import codes as codes_lib
 from vfmtok_jax.tasks import gpt as gpt_task
 from vfmtok_jax.tasks import sampler
+from vfmtok_jax.train import checkpoint as ckpt_lib
 from vfmtok_jax.train import loop
 
 ROOT = str(pathlib.Path(__file__).resolve().parents[1])
@@ -225,3 +226,50 @@ def test_sigterm_saves_and_restart_continues(codes_dir, tmp_path):
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0, out[-3000:]
   assert f"step {saved + 2}/{saved + 2}" in out and f"step {saved}/" not in out
+
+
+def _gpt_command(codes_dir, workdir, *flags, script=None):
+  head = ["-m", "vfmtok_jax.train_gpt"] if script is None else [script, "gpt"]
+  return [sys.executable, *head, "--config", os.path.join(ROOT, "tests", "tiny_gpt_config.py"),
+          "--workdir", str(workdir), f"--config.data.codes={codes_dir}", *flags]
+
+
+def test_sigkill_during_save_resumes_from_last_complete(codes_dir, tmp_path):
+  """Killed while step 3's async save is being written: the half-written step is ignored, the
+  run resumes from step 2 and finishes. (The tokenizer trainer's twin is a slow test.)"""
+  flags = ["--config.total_steps=6", "--config.ckpt_every=1", "--config.async_checkpoint=True",
+           "--config.log_every=1",
+           "--config.eval_every=0"]
+  killed = subprocess.run(
+      _gpt_command(codes_dir, tmp_path / "run", *flags, "--kill_during_save=3",
+                   script=os.path.join(ROOT, "tests", "kill_during_save.py")),
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:] + killed.stderr[-3000:]
+  ckpt_dir = tmp_path / "run" / "ckpt"
+  assert any(n.startswith("3.") and "tmp" in n for n in os.listdir(ckpt_dir)), os.listdir(ckpt_dir)
+  rerun = subprocess.run(_gpt_command(codes_dir, tmp_path / "run", *flags), cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+  out = rerun.stdout + rerun.stderr
+  assert rerun.returncode == 0, out[-3000:]
+  assert "step 3/6" in out and "step 2/6" not in out, out[-3000:]
+  with ckpt_lib.Checkpointer(str(ckpt_dir), save_every=1) as ckpt:
+    assert ckpt.latest_step() == 6
+
+
+def test_mismatched_checkpoint_fails_before_writing(codes_dir, tmp_path):
+  """A checkpoint of another model size: an error naming the first mismatching array, the
+  workdir byte for byte as it was, and a clean exit (no checkpoint-thread tracebacks)."""
+  run = tmp_path / "run"
+  first = subprocess.run(_gpt_command(codes_dir, run, "--config.total_steps=2"), cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+  assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+  before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+  second = subprocess.run(_gpt_command(codes_dir, run, "--config.total_steps=4",
+                                       "--config.model.dim=64"),
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+  out = second.stdout + second.stderr
+  assert second.returncode != 0
+  assert "CheckpointMismatchError" in out, out[-3000:]
+  assert "stored shape" in out and "requested" in out, out[-3000:]
+  assert "Event loop is closed" not in out and "Exception ignored" not in out, out[-3000:]
+  assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

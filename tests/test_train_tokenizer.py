@@ -115,6 +115,7 @@ def _drop_gradient(path_fragment):
   return optax.GradientTransformation(init, update)
 
 
+@pytest.mark.slow  # shows the preset comparison can fail; CI runs the comparison itself
 def test_equivalence_check_catches_wrong_variants(tmp_path, one_device_run, zero_grad):
   """The comparison above has teeth: a dropped gradient and a data-parallel bug both fail it."""
   cfg = tiny_training.tiny_config(tmp_path, sharding="fsdp", mesh=dict(data=2, fsdp=4, tensor=1),
@@ -200,11 +201,15 @@ def _with_nan_batches(config, steps):
   return task
 
 
-def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
-  # k-means reads the first batches too: NaN ones make it refuse to start.
+def test_kmeans_init_refuses_nonfinite_encoder_outputs(tmp_path):
+  # k-means reads the first batches: NaN ones make it refuse to start.
   cfg = tiny_training.tiny_config(tmp_path)
   with pytest.raises(FloatingPointError, match="kmeans_init: the encoder outputs of the first 8"):
     tokenizer_task.train(cfg, str(tmp_path / "kmeans"), task=_with_nan_batches(cfg, {2}))
+
+
+@pytest.mark.slow  # the loop's guard is tested fast in test_train_lib.py and test_train_gpt.py
+def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
   cfg = tiny_training.tiny_config(tmp_path, **{"codebook.kmeans_init": False})
   final = tokenizer_task.train(cfg, str(tmp_path / "one"), task=_with_nan_batches(cfg, {2}))
   assert final["nonfinite_total"] == 1 and np.isfinite(final["loss"])
@@ -223,13 +228,15 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
 
 
 def _subprocess_train(workdir, config_flags, *, script=None, extra=()):
-  cmd = [sys.executable, *(["-m", "vfmtok_jax.train_tokenizer"] if script is None else [script]),
+  cmd = [sys.executable, *(["-m", "vfmtok_jax.train_tokenizer"] if script is None
+                           else [script, "tokenizer"]),
          "--config", os.path.join(ROOT, "tests", "tiny_training_config.py"),
          "--workdir", str(workdir), *config_flags, *extra]
   return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
 
 
+@pytest.mark.slow  # the loop's twin: tests/test_train_gpt.py
 def test_sigterm_saves_and_restart_continues(tmp_path):
   vfm = tiny_training.golden_vfm_file(tmp_path)
   flags = [f"--config.vfm.source={vfm}", "--config.total_steps=1000", "--config.ckpt_every=1000"]
@@ -256,6 +263,7 @@ def test_sigterm_saves_and_restart_continues(tmp_path):
   assert f"step {saved}/" not in out and "step 1/" not in out
 
 
+@pytest.mark.slow  # the loop's twin: tests/test_train_gpt.py
 def test_sigkill_during_save_resumes_from_last_complete(tmp_path):
   vfm = tiny_training.golden_vfm_file(tmp_path)
   flags = [f"--config.vfm.source={vfm}", "--config.total_steps=6", "--config.ckpt_every=1",
@@ -277,6 +285,7 @@ def test_sigkill_during_save_resumes_from_last_complete(tmp_path):
     assert ckpt.latest_step() == 6
 
 
+@pytest.mark.slow  # the loop's twin: tests/test_train_gpt.py
 def test_mismatched_checkpoint_fails_before_writing(tmp_path):
   """A checkpoint of another model config: a clear error naming the first mismatching array,
   the workdir exactly as it was, and a clean exit (no checkpoint-thread tracebacks)."""

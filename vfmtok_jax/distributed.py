@@ -66,3 +66,34 @@ def to_host(x) -> np.ndarray:
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)
+
+
+def local_rows(x) -> np.ndarray:
+  """This process' rows of an array sharded along its first axis, in global order (numpy).
+
+  Rows replicated over several local devices are taken once.
+  """
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(x)
+  shards = {}
+  for s in x.addressable_shards:
+    start = s.index[0].start or 0
+    shards.setdefault(start, s.data)
+  rows = np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
+  if len(rows) * jax.process_count() != x.shape[0]:
+    raise ValueError(f"local_rows needs an array split evenly over the processes along its "
+                     f"first axis; this process holds {len(rows)} of {x.shape[0]} rows")
+  return rows
+
+
+def gather_rows(x: np.ndarray) -> np.ndarray:
+  """Every process' rows of `x` (any length per process), concatenated in process order."""
+  x = np.asarray(x)
+  if jax.process_count() == 1:
+    return x
+  counts = np.asarray(multihost_utils.process_allgather(np.asarray([len(x)], np.int64)))
+  counts = counts.reshape(-1)
+  padded = np.zeros((int(counts.max()), *x.shape[1:]), x.dtype)
+  padded[:len(x)] = x
+  every = np.asarray(multihost_utils.process_allgather(padded))  # (processes, max, ...)
+  return np.concatenate([every[p, :int(c)] for p, c in enumerate(counts)])

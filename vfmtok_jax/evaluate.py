@@ -21,12 +21,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app
 from absl import flags
-import numpy as np
-
 from vfmtok_jax import compilation_cache
-from vfmtok_jax.evaluators import adm
-from vfmtok_jax.evaluators import batches
 from vfmtok_jax.evaluators import inception
+from vfmtok_jax.evaluators import suite
 
 _INCEPTION = flags.DEFINE_string("inception", "", "FID Inception weights (pytorch-fid's "
                                  f"{inception.WEIGHTS_FILENAME}); default under "
@@ -36,29 +33,7 @@ _BATCH = flags.DEFINE_integer("batch_size", 64, "images per Inception call")
 _CACHE = flags.DEFINE_string("compilation_cache", None, "JAX compilation cache dir; 'off' "
                              "disables it")
 
-# (printed name, JSON key)
-METRICS = (("Inception Score", "inception_score"), ("FID", "fid"), ("sFID", "sfid"),
-           ("Precision", "precision"), ("Recall", "recall"))
-
-
-def features_of(path: str, batch: batches.BatchFile, extract, batch_size: int) -> dict | None:
-  """Inception features of the file's images, None without images."""
-  if batch.image_shape is None:
-    return None
-  parts = [extract(images) for images in batches.iter_images(path, batch_size)]
-  if not parts:
-    raise ValueError(f"{path}: {batches.IMAGES} holds no images")
-  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-
-def stats_of(batch: batches.BatchFile, feats: dict | None, kind: str):
-  """Stored statistics first (ADM), else those of the features; None if neither exists."""
-  mu, sigma = ("mu", "sigma") if kind == "pool" else ("mu_s", "sigma_s")
-  if mu in batch.stats and sigma in batch.stats:
-    return adm.Statistics(batch.stats[mu], batch.stats[sigma])
-  if feats is not None:
-    return adm.statistics(feats[kind])
-  return None
+METRICS = suite.METRICS
 
 
 def evaluate(ref_path: str, sample_path: str, extract, batch_size: int = 64
@@ -67,35 +42,8 @@ def evaluate(ref_path: str, sample_path: str, extract, batch_size: int = 64
 
   `extract`: uint8 images -> {"pool", "spatial", "logits"} (`InceptionFeatures`).
   """
-  ref, sample = batches.inspect(ref_path), batches.inspect(sample_path)
-  ref_feats = features_of(ref_path, ref, extract, batch_size)
-  sample_feats = features_of(sample_path, sample, extract, batch_size)
-  results, why = {}, {}
-  if sample_feats is not None:
-    results["inception_score"] = adm.inception_score(sample_feats["logits"])
-  else:
-    why["inception_score"] = f"{sample_path} has no images (arr_0)"
-  for key, kind, names in (("fid", "pool", "mu/sigma"), ("sfid", "spatial", "mu_s/sigma_s")):
-    a, b = stats_of(ref, ref_feats, kind), stats_of(sample, sample_feats, kind)
-    if a is None or b is None:
-      missing = [p for p, s in ((ref_path, a), (sample_path, b)) if s is None]
-      why[key] = f"{' and '.join(missing)} has neither images (arr_0) nor {names}"
-    else:
-      try:
-        results[key] = adm.frechet_distance(b, a)
-      except ValueError as e:  # e.g. too few images for the covariances: ADM would stop here
-        why[key] = str(e)
-  if ref_feats is not None and sample_feats is not None:
-    try:
-      results["precision"], results["recall"] = adm.precision_recall(ref_feats["pool"],
-                                                                     sample_feats["pool"])
-    except ValueError as e:  # too few images for k = 3 neighbourhoods
-      why["precision"] = why["recall"] = str(e)
-  else:
-    missing = [p for p, f in ((ref_path, ref_feats), (sample_path, sample_feats)) if f is None]
-    for key in ("precision", "recall"):
-      why[key] = f"{' and '.join(missing)} has no images (arr_0)"
-  return results, why
+  return suite.adm_metrics(suite.side_of_file(ref_path, extract, batch_size),
+                           suite.side_of_file(sample_path, extract, batch_size))
 
 
 def main(argv):
@@ -110,8 +58,8 @@ def main(argv):
   model, params = inception.load_inception(_INCEPTION.value or None)
   extract = inception.InceptionFeatures(model, params, batch_size=_BATCH.value)
   results, why = evaluate(ref_path, sample_path, extract, _BATCH.value)
-  for name, key in METRICS:
-    print(f"{name}: {results[key]}" if key in results else f"{name}: unavailable ({why[key]})")
+  for line in suite.lines(results, why):
+    print(line)
   if _JSON.value:
     out = {key: results.get(key) for _, key in METRICS}
     out["unavailable"] = why

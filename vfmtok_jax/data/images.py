@@ -62,6 +62,20 @@ def center_crop_arr(rgb: np.ndarray, size: int) -> np.ndarray:
   return arr[top:top + size, left:left + size]
 
 
+def pil_resize(images: np.ndarray, size: int) -> np.ndarray:
+  """uint8 (N, H, W, 3) -> (N, size, size, 3) with `PIL.Image.resize`'s default (antialiased
+  bicubic), as the reference's tokenizer evaluation brings 336 px images to 256 px."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  images = np.asarray(images)
+  if images.dtype != np.uint8 or images.ndim != 4:
+    raise ValueError(f"pil_resize takes uint8 (N, H, W, 3) images, got {images.dtype} "
+                     f"{images.shape}")
+  if images.shape[1:3] == (size, size):
+    return images
+  return np.stack([np.asarray(Image.fromarray(im).resize((size, size))) for im in images]
+                  ) if len(images) else np.zeros((0, size, size, 3), np.uint8)
+
+
 def to_signed(rgb: np.ndarray) -> np.ndarray:
   """uint8 pixels -> float32 in [-1, 1]."""
   return rgb.astype(np.float32) / 127.5 - 1.0

@@ -4,7 +4,7 @@ Weights: pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (the TF graph's we
 torchvision layout), read from a local path only; default `$VFMTOK_JAX_WEIGHTS/<that name>`.
 Preprocessing as the graph: uint8 -> float32, TF1 legacy bilinear resize to 299 (skipped at
 299), `(x - 128) / 128`. Batches are padded to one fixed size and split over the local devices
-(a batch axis mesh), so one program serves every batch and no image is dropped or repeated.
+(`batched.PaddedApply`), so one program serves every batch and no image is dropped or repeated.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vfmtok_jax import distributed
+from vfmtok_jax.evaluators import batched
 from vfmtok_jax.models import inception as inception_lib
 from vfmtok_jax.ops import resize
 from vfmtok_jax.weights import files
@@ -81,13 +81,9 @@ class InceptionFeatures:
   """
 
   def __init__(self, model, params, *, batch_size: int = 64):
-    devices = jax.local_devices()
-    self.batch_size = -(-batch_size // len(devices)) * len(devices)
-    mesh = jax.sharding.Mesh(np.asarray(devices), ("batch",))
-    self._rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
-    self._params = jax.device_put(
-        params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    self._fn = jax.jit(lambda p, x: model.apply({"params": p}, preprocess(x)))
+    self._apply = batched.PaddedApply(
+        lambda p, x: model.apply({"params": p}, preprocess(x)), params, batch_size=batch_size)
+    self.batch_size = self._apply.batch_size
 
   def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
     images = np.asarray(images)
@@ -95,18 +91,4 @@ class InceptionFeatures:
       raise ValueError(f"expected (N, H, W, 3) images, got shape {images.shape}")
     if images.dtype != np.uint8:
       raise ValueError(f"expected uint8 images (the ADM sample format), got {images.dtype}")
-    out: dict[str, list] = {}
-    b = self.batch_size
-    for start in range(0, len(images), b):
-      chunk = images[start:start + b]
-      n = len(chunk)
-      if n < b:  # pad the last batch; the padding rows are cut off below
-        chunk = np.concatenate([chunk, np.zeros((b - n, *chunk.shape[1:]), np.uint8)])
-      feats = self._fn(self._params, jax.device_put(chunk, self._rows))
-      for k, v in feats.items():
-        out.setdefault(k, []).append(distributed.to_host(v)[:n])
-    if not out:
-      return {"pool": np.zeros((0, 2048), np.float32),
-              "spatial": np.zeros((0, 17 * 17 * inception_lib.SPATIAL_CHANNELS), np.float32),
-              "logits": np.zeros((0, inception_lib.NUM_LOGITS), np.float32)}
-    return {k: np.concatenate(v) for k, v in out.items()}
+    return self._apply(images)

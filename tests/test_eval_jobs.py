@@ -1,0 +1,238 @@
+"""The tokenizer evaluation job: the reference's protocol, padded/masked batches, 1 vs 8 devices,
+and its command line."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from skimage import metrics as skm
+
+from configs import eval_generator as gen_configs
+from configs import eval_tokenizer as eval_configs
+from vfmtok_jax import sharding as shd
+from vfmtok_jax import vfm_zoo
+from vfmtok_jax.data import images as image_io
+from vfmtok_jax.data import input_pipeline
+from vfmtok_jax.evaluators import adm
+from vfmtok_jax.evaluators import batches
+from vfmtok_jax.evaluators import suite
+from vfmtok_jax.evaluators import vfm_features
+from vfmtok_jax.losses import lpips as lpips_lib
+from vfmtok_jax.models.vfm import dinov2
+from vfmtok_jax.tasks import demo_scoring
+from vfmtok_jax.tasks import generator_eval
+from vfmtok_jax.tasks import sampler
+from vfmtok_jax.tasks import tokenizer_eval
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EVAL_SIZE = 24  # the golden tokenizer's 32 px pairs, PIL-resized as the reference's 336 -> 256
+
+
+def _stand_in_inception(images):
+  """A cheap fixed function of the pixels with Inception's output names and widths (the real
+  network is checked against its oracle in test_evaluation.py)."""
+  x = images.reshape(len(images), -1).astype(np.float32) / 255.0
+  proj = np.random.default_rng(7).normal(size=(x.shape[1], 2048 + 1008)).astype(np.float32)
+  out = np.tanh(x @ proj / np.sqrt(x.shape[1]))
+  return {"pool": out[:, :2048], "logits": 5.0 * out[:, 2048:]}
+
+
+@pytest.fixture(scope="module")
+def scorers():
+  vfm_module = dinov2.DinoV2(embed_dim=32, depth=4, num_heads=2, pos_grid=4)
+  vfm_params = vfm_module.init(jax.random.PRNGKey(1), np.zeros((1, 56, 56, 3)))["params"]
+  vfm = vfm_zoo.dinov2_vfm(vfm_module, vfm_params, "random tiny DINOv2")
+  lpips = lpips_lib.LPIPS()
+  lpips_params = lpips.init(jax.random.PRNGKey(2), np.zeros((1, 32, 32, 3)),
+                            np.zeros((1, 32, 32, 3)))["params"]
+  return tokenizer_eval.Scorers(
+      inception=_stand_in_inception,
+      fd=vfm_features.VFMFeatures(vfm, size=56, batch_size=16),
+      lpips=tokenizer_eval.lpips_scorer(lpips, lpips_params, batch_size=16))
+
+
+def _run(tok, scorers, devices, batch_size, monkeypatch):
+  """Results of the job on `devices` with a global batch, the FID inputs recorded."""
+  calls, real = [], adm.frechet_distance
+
+  def recorded(a, b):  # rFID's 2048-d square roots take ~20 s each here: recorded instead
+    if a.mu.shape[0] != 2048:
+      return real(a, b)
+    calls.append((a, b))
+    return 1.0
+  monkeypatch.setattr(adm, "frechet_distance", recorded)
+  cfg = eval_configs.get_config("demo")
+  input_cfg = input_pipeline.default_input_config(**cfg.input.to_dict())
+  input_cfg.image_size = tok.model.image_size
+  mesh = shd.make_mesh({"data": -1}, devices)
+  batches = input_pipeline.make_eval_batches(input_cfg, global_batch_size=batch_size,
+                                             sharding=shd.batch_sharding(mesh, 4))
+  results, why, grid = tokenizer_eval.evaluate(tok, batches, scorers, mesh=mesh,
+                                               eval_size=EVAL_SIZE, log=lambda _: None)
+  return results, why, grid, calls
+
+
+def test_tokenizer_eval_is_the_reference_protocol_on_1_and_8_devices(golden_tokenizer, scorers,
+                                                                    monkeypatch):
+  _, tok = golden_tokenizer
+  # 24 images: batches of 16 on 8 devices (the last one half padding), of 5 on one device.
+  eight, why, grid, calls8 = _run(tok, scorers, jax.devices(), 16, monkeypatch)
+  one, _, _, calls1 = _run(tok, scorers, jax.devices()[:1], 5, monkeypatch)
+  assert not why and eight["num_examples"] == one["num_examples"] == 24
+  assert grid.shape == (2 * (EVAL_SIZE + 2) + 2, 8 * (EVAL_SIZE + 2) + 2, 3)
+  # The decoder's f32 rounding differs with the batch split, and the truncating cast to uint8
+  # turns that into an occasional one-level pixel difference: metrics agree to ~1e-6.
+  for k in ("psnr", "ssim", "ssim_reference", "lpips", "fd_vfm", "ris"):
+    np.testing.assert_allclose(eight[k], one[k], rtol=1e-5, atol=1e-5, err_msg=k)
+  for k in ("codebook_usage", "codebook_unused", "codebook_perplexity"):
+    assert eight[k] == one[k], k
+
+  # The same numbers computed directly, image by image, as vqgan_test.py does.
+  crops, _ = input_pipeline.demo_eval_set(tok.model.image_size, 2, 0, 0.8, 1.0)
+  indices = np.asarray(tok.encode(image_io.to_signed(crops)))
+  recon = image_io.to_uint8(np.asarray(tok.decode_indices(indices)))
+  gt = image_io.pil_resize(image_io.to_uint8(image_io.to_signed(crops)), EVAL_SIZE)
+  rec = image_io.pil_resize(recon, EVAL_SIZE)
+  np.testing.assert_array_equal(image_io.to_uint8(image_io.to_signed(crops)), crops)
+  unit = lambda x: x.astype(np.float32) / 255.0  # noqa: E731
+  psnr = np.mean([skm.peak_signal_noise_ratio(unit(g), unit(r)) for g, r in zip(gt, rec)])
+  ssim2 = np.mean([skm.structural_similarity(unit(r), unit(g), channel_axis=-1, data_range=2.0)
+                   for g, r in zip(gt, rec)])
+  np.testing.assert_allclose(eight["psnr"], psnr, rtol=1e-5)
+  np.testing.assert_allclose(eight["ssim_reference"], ssim2, rtol=1e-5)
+  counts = np.bincount(indices.ravel(), minlength=tok.model.codebook_size)
+  assert eight["codebook_usage"] == (counts > 0).mean()
+  # rFID compares the reconstructions' statistics with the inputs' (one-level pixel flips in
+  # the reconstructions, as above, move their features by up to ~3e-5).
+  (fid_rec, fid_in), = calls8
+  np.testing.assert_allclose(fid_in.mu, scorers.inception(gt)["pool"].mean(0), atol=1e-6)
+  np.testing.assert_allclose(fid_rec.mu, scorers.inception(rec)["pool"].mean(0), atol=1e-4)
+  np.testing.assert_allclose(calls1[0][0].sigma, fid_rec.sigma, atol=1e-5)
+  np.testing.assert_allclose(eight["fd_vfm"], vfm_features.frechet_distance(
+      scorers.fd(rec), scorers.fd(gt)), rtol=1e-3)
+  np.testing.assert_allclose(eight["ris"], adm.inception_score(scorers.inception(rec)["logits"]),
+                             rtol=1e-4)
+
+
+def test_missing_scorers_are_named_not_guessed(golden_tokenizer, monkeypatch):
+  _, tok = golden_tokenizer
+  results, why, _, _ = _run(tok, tokenizer_eval.Scorers(why_missing={
+      "inception": "Inception turned off (inception=off)"}), jax.devices(), 8, monkeypatch)
+  assert "rfid" not in results and why["rfid"] == why["ris"] == "Inception turned off " \
+      "(inception=off)"
+  assert "fd_vfm" in why and "lpips" in why and results["num_examples"] == 24
+  cfg = eval_configs.get_config("demo")
+  with cfg.unlocked():
+    cfg.inception = "/nonexistent/pt_inception.pth"
+  with pytest.raises(FileNotFoundError, match="pt_inception"):
+    tokenizer_eval.scorers_from_config(cfg, tok)
+
+
+def test_eval_tokenizer_command_line(golden_tokenizer, tmp_path):
+  tok_path, tok = golden_tokenizer
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  out = subprocess.run(
+      [sys.executable, "-m", "vfmtok_jax.eval_tokenizer", "--tokenizer", tok_path,
+       "--config", "configs/eval_tokenizer.py:demo", "--config.batch_size=16",
+       f"--config.fd_vfm={tok.vfm.source}", "--config.fd_size=56",  # the tokenizer's own VFM
+       "--workdir", str(tmp_path)],
+      cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  record = json.load(open(tmp_path / "results.json"))
+  assert record["results"]["num_examples"] == 24
+  assert "Inception turned off" in record["unavailable"]["rfid"]
+  assert record["fd_vfm"].startswith("FD-dinov2 (")
+  assert "PSNR (dB)" in out.stdout and "rFID" in out.stdout and "FD-dinov2" in out.stdout
+  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert lines[-1]["eval/psnr"] == pytest.approx(record["results"]["psnr"])
+  assert (tmp_path / "recon.png").exists() and (tmp_path / "tensorboard").is_dir()
+
+
+def test_two_processes_gather_their_rows(tmp_path):
+  """gather_rows / local_rows / suite.features across 2 real processes (CPU, gloo)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "tests.gather_rows"], cwd=ROOT, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True,
+      env=dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2", VFMTOK_DISTRIBUTED="1",
+               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+               JAX_PROCESS_ID=str(i), VFMTOK_CPU_COLLECTIVES="gloo",
+               JAX_COMPILATION_CACHE_DIR=str(tmp_path / "cache"))) for i in range(2)]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  for i, (p, out) in enumerate(zip(procs, outs)):
+    assert p.returncode == 0 and f"process {i}: gathered ok" in out, out[-3000:]
+
+
+def _small_inception(images):
+  """A stand-in Inception with small widths, so the Frechet distances are computed for real."""
+  x = images.reshape(len(images), -1).astype(np.float32) / 255.0
+  proj = np.random.default_rng(8).normal(size=(x.shape[1], 16 + 8 + 10)).astype(np.float32)
+  out = np.tanh(x @ proj / np.sqrt(x.shape[1]))
+  return {"pool": out[:, :16], "spatial": out[:, 16:24], "logits": 3.0 * out[:, 24:]}
+
+
+def test_generator_eval_is_sampling_then_the_adm_suite(golden_gpt, golden_tokenizer, tmp_path):
+  _, model, params = golden_gpt
+  _, tok = golden_tokenizer
+  ref_images = np.random.default_rng(0).integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
+  ref_path = str(tmp_path / "ref.npz")
+  batches.save(ref_path, images=ref_images)
+  cfg = gen_configs.get_config("demo")
+  with cfg.unlocked():
+    cfg.update(num_samples=13, per_class=False, batch_size=8, ref_batch=ref_path, seed=5)
+    cfg.sampling.update(cfg_scale=2.0, top_k=20)
+  results = generator_eval.run(model, params, tok, cfg, str(tmp_path / "eval"),
+                               extract=_small_inception, log=lambda _: None)
+  # The same numbers, step by step: labels, sampling, decoding, the ADM suite.
+  labels = sampler.choose_labels(labels="", num=13, per_class=False, num_classes=10, seed=5)
+  tokens, _, _, _ = sampler.generate_all(model, params, labels, sampler.SamplingSettings(
+      cfg_scale=2.0, top_k=20), seed=5, batch_size=13)
+  images = sampler.decode_to_uint8(tok, tokens, 32, batch_size=13)
+  with np.load(tmp_path / "eval" / "samples.npz") as f:
+    np.testing.assert_array_equal(f["arr_1"], labels)
+    assert np.abs(f["arr_0"].astype(int) - images).max() <= 1  # decode batches of 8 vs 13
+  want, why = suite.adm_metrics(
+      suite.Side("ref", {}, _small_inception(ref_images)),
+      suite.Side("samples", {}, _small_inception(images)))
+  assert not why
+  for k, v in want.items():
+    np.testing.assert_allclose(results[k], v, rtol=1e-3, atol=1e-3, err_msg=k)
+  record = json.load(open(tmp_path / "eval" / "results.json"))
+  assert record["sampling"]["cfg_scale"] == 2.0 and record["sampling"]["top_k"] == 20
+  assert record["results"]["num_samples"] == 13 and (tmp_path / "eval" / "samples.png").exists()
+  with pytest.raises(FileNotFoundError, match="absent.npz"):
+    with cfg.unlocked():
+      cfg.ref_batch = str(tmp_path / "absent.npz")
+    generator_eval.run(model, params, tok, cfg, str(tmp_path / "x"), extract=_small_inception)
+  assert not (tmp_path / "x").exists()
+
+
+def test_demo_scoring_reports_every_number(golden_gpt, golden_tokenizer):
+  """The demo's scoring end to end on the golden pair (a GPT widened to the 12 photo classes)."""
+  _, model, params = golden_gpt
+  _, tok = golden_tokenizer
+  table = np.asarray(params["cls_embedding"]["embedding"])  # 10 classes + the null class
+  wider = np.concatenate([table[:10], table[:2] * -1.0, table[10:]])  # 12 classes + null
+  params = dict(params, cls_embedding={"embedding": wider})
+  model = model.clone(num_classes=12)
+  scores = demo_scoring.score(tok, model, params, scales=(1.0, 2.0), samples_per_class=2,
+                              real_per_photo=4, recon_per_photo=1, batch_size=16,
+                              log=lambda _: None)
+  assert scores["tokenizer"]["num_examples"] == 12
+  assert set(scores["samples"]) == {"1", "2"}
+  for row in scores["samples"].values():
+    assert row["num_samples"] == 24 and 0.0 <= row["class_top1"] <= 1.0
+    assert np.isfinite(row["fd_vfm"]) and np.isfinite(row["fd_vfm_per_class"])
+  assert scores["probe"]["train_examples"] == 48 and scores["probe"]["chance"] == 1 / 12
+  table_text = demo_scoring.markdown(scores)
+  assert "| CFG-free (1.0), 24 |" in table_text and "| CFG 2, 24 |" in table_text
+  with pytest.raises(ValueError, match="one per demo photo"):
+    demo_scoring.score(tok, model.clone(num_classes=10), params)

