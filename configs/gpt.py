@@ -76,6 +76,10 @@ def get_config(arg=None):
   c.eval_batch_size = 64
   c.sample_grid = dict(classes=8, cfg_scale=2.0, temperature=1.0, top_k=0, top_p=1.0)
   c.tokenizer = ""  # tokenizer folder to decode sample grids at evals ("" = no grids)
+  # ADM metrics of samples at each eval (eval_gen_*; off with num_samples=0, as the reference
+  # has no in-training evaluation): needs `tokenizer`, an ADM ref_batch and Inception weights.
+  c.sample_eval = dict(num_samples=0, ref_batch="", inception="default", cfg_scale=1.5,
+                       temperature=1.0, top_k=0, top_p=1.0, batch_size=32, image_size=0)
   c.eval_ema = True
   c.export_ema = True
   c.ckpt_every = 10_000

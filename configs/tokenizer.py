@@ -111,6 +111,11 @@ def get_config(arg=None):
   c.eval_batch_size = 16
   c.eval_ema = True
   c.export_ema = True
+  # The evaluation job's scorers at each eval, on the eval batches (configs/eval_tokenizer.py
+  # fields; "off" everywhere by default: the reference has no in-training evaluation). SSIM is
+  # always reported; rFID/rIS need `inception`, FD-VFM `fd_vfm`, LPIPS `lpips` weights.
+  c.eval_scorers = ml_collections.ConfigDict(dict(
+      inception="off", fd_vfm="off", fd_size=224, lpips="off", lpips_lin=""))
   c.ckpt_every = 5000
   c.keep_last = 3
   c.keep_every = 50_000

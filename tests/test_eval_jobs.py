@@ -13,6 +13,8 @@ import pytest
 from skimage import metrics as skm
 
 from configs import eval_generator as gen_configs
+from configs import gpt as gpt_configs
+from configs import linear_probe as probe_configs
 from configs import eval_tokenizer as eval_configs
 from vfmtok_jax import sharding as shd
 from vfmtok_jax import vfm_zoo
@@ -26,6 +28,8 @@ from vfmtok_jax.losses import lpips as lpips_lib
 from vfmtok_jax.models.vfm import dinov2
 from vfmtok_jax.tasks import demo_scoring
 from vfmtok_jax.tasks import generator_eval
+from vfmtok_jax.tasks import gpt as gpt_task
+from vfmtok_jax.tasks import probe_job
 from vfmtok_jax.tasks import sampler
 from vfmtok_jax.tasks import tokenizer_eval
 
@@ -236,3 +240,59 @@ def test_demo_scoring_reports_every_number(golden_gpt, golden_tokenizer):
   assert "| CFG-free (1.0), 24 |" in table_text and "| CFG 2, 24 |" in table_text
   with pytest.raises(ValueError, match="one per demo photo"):
     demo_scoring.score(tok, model.clone(num_classes=10), params)
+
+
+def test_gpt_trainer_scores_samples_like_the_generator_eval(golden_gpt, golden_tokenizer,
+                                                            tmp_path):
+  """`sample_eval` in the GPT trainer: the eval_generator numbers of the same samples."""
+  _, model, params = golden_gpt
+  tok_path, tok = golden_tokenizer
+  ref_path = str(tmp_path / "ref.npz")
+  batches.save(ref_path, images=np.random.default_rng(1).integers(0, 256, (12, 32, 32, 3),
+                                                                   dtype=np.uint8))
+  c = gpt_configs.get_config("gpt_b")
+  settings = gpt_task.SampleEvalSettings(num_samples=9, ref_batch=ref_path, cfg_scale=2.0,
+                                         batch_size=8)
+  task = gpt_task.GPTTask(
+      model=model, tx=None, lr_fn=None, ema_decay=0.0, batch_size=8, eval_batch_size=8, seed=3,
+      data=gpt_task.DataSettings(**c.data), sample_grid=gpt_task.SampleGridSettings(),
+      tokenizer_path=tok_path, sample_eval=settings, inception_features=_small_inception)
+  got = task.sample_metrics(params)
+  labels = sampler.choose_labels(labels="", num=9, per_class=False, num_classes=10, seed=5)
+  tokens, _, _, _ = sampler.generate_all(model, params, labels, sampler.SamplingSettings(
+      cfg_scale=2.0), seed=5, batch_size=9)
+  images = sampler.decode_to_uint8(tok, tokens, 32, batch_size=9)
+  want, _ = suite.adm_metrics(suite.Side("ref", {}, _small_inception(
+      next(batches.iter_images(ref_path, 100)))), suite.Side("s", {}, _small_inception(images)))
+  assert set(got) == {f"eval_gen_{k}" for k in want}
+  for k, v in want.items():
+    np.testing.assert_allclose(got[f"eval_gen_{k}"], v, rtol=1e-3, atol=1e-3, err_msg=k)
+  with pytest.raises(ValueError, match="sample_eval needs"):
+    gpt_task.GPTTask(model=model, tx=None, lr_fn=None, ema_decay=0.0, batch_size=8,
+                     eval_batch_size=8, seed=3, data=gpt_task.DataSettings(**c.data),
+                     sample_grid=gpt_task.SampleGridSettings(), sample_eval=settings,
+                     inception_features=_small_inception)
+
+
+def test_linear_probe_job_reads_the_tokens_it_says(golden_tokenizer):
+  _, tok = golden_tokenizer
+  cfg = probe_configs.get_config("demo,features=slots")
+  with cfg.unlocked():
+    cfg.train_input.demo_eval_crops, cfg.eval_input.demo_eval_crops = 4, 2
+    cfg.batch_size = 16
+  record = probe_job.run(tok, cfg, log=lambda _: None)
+  assert record["train_examples"] == 48 and record["eval_examples"] == 24
+  assert record["dim"] == tok.model.dim and record["chance"] == 1 / 12
+  assert record["train_top1"] >= 0.9 and 0.0 <= record["top1"] <= 1.0  # 48 points, 12 classes
+  # The features are the region tokens of the centre-crop pipeline, mean-pooled, per image.
+  mesh = shd.make_mesh({"data": -1})
+  input_cfg = input_pipeline.default_input_config(**cfg.eval_input.to_dict())
+  input_cfg.image_size = tok.model.image_size
+  batches = input_pipeline.make_eval_batches(input_cfg, global_batch_size=16,
+                                             sharding=shd.batch_sharding(mesh, 4))
+  feats, labels = probe_job.extract(tok, batches, which="codes", pool="flatten", mesh=mesh,
+                                    log=lambda _: None)
+  crops, want_labels = input_pipeline.demo_eval_set(tok.model.image_size, 2, 12, 0.8, 1.0)
+  quant = np.asarray(tok.encode(image_io.to_signed(crops), return_tokens=True)["quant"])
+  np.testing.assert_array_equal(labels, want_labels)
+  np.testing.assert_allclose(feats, quant.reshape(len(crops), -1), atol=1e-5)

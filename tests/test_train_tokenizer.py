@@ -153,6 +153,7 @@ def test_resume_is_bitwise(tmp_path):
 
 def test_outputs_logs_images_export(tmp_path):
   cfg = tiny_training.tiny_config(tmp_path, eval_every=2)
+  cfg.eval_scorers.update(fd_vfm=cfg.vfm.source, fd_size=28)  # the evaluation job's FD-VFM
   final = tokenizer_task.train(cfg, str(tmp_path / "run"))
   run = tmp_path / "run"
   lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
@@ -173,6 +174,8 @@ def test_outputs_logs_images_export(tmp_path):
   assert evals[4]["eval_codebook_unused"] == 64 * (1 - evals[4]["eval_codebook_usage"])
   assert 0 < evals[4]["eval_codebook_usage"] <= 1
   assert 1 <= evals[4]["eval_codebook_perplexity"] <= 64
+  assert 0 < evals[4]["eval_ssim"] < evals[4]["eval_ssim_reference"] <= 1  # range 1 vs 2.0
+  assert np.isfinite(evals[4]["eval_fd_vfm"]) and "eval_rfid" not in evals[4]  # Inception off
   assert sorted(os.listdir(run / "images")) == ["recon_000000.png", "recon_000002.png",
                                                 "recon_000004.png"]
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(run / "tensorboard"))

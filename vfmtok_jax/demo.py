@@ -30,7 +30,7 @@ import numpy as np
 from configs import extract_codes as extract_configs
 from configs import gpt as gpt_configs
 from configs import tokenizer as tokenizer_configs
-from vfmtok_jax import compilation_cache
+from vfmtok_jax import cli_setup
 from vfmtok_jax import gpt_io
 from vfmtok_jax import tokenizer_io
 from vfmtok_jax.data import codes as codes_lib
@@ -44,8 +44,7 @@ from vfmtok_jax.tasks import tokenizer as tokenizer_task
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "where every stage writes")
 _SAMPLES = flags.DEFINE_integer("samples_per_class", 4, "samples per class in each grid half")
 _CFG = flags.DEFINE_float("cfg", 2.0, "guidance scale of the guided half")
-_CACHE = flags.DEFINE_string("compilation_cache", None, "JAX compilation cache dir; 'off' "
-                             "disables it")
+_CACHE = cli_setup.define_cache_flag()
 
 
 def _stage(name: str):
@@ -139,11 +138,9 @@ def run(workdir: str, *, per_class: int = 4, cfg: float = 2.0) -> dict:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:  # the stages' own lines, not Orbax's INFO logs
     logging.set_verbosity(logging.WARNING)
-  compilation_cache.enable(_CACHE.value)
+  cli_setup.start(argv, _CACHE, multi_host=False)
   run(_WORKDIR.value, per_class=_SAMPLES.value, cfg=_CFG.value)
 
 

@@ -22,8 +22,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from vfmtok_jax import compilation_cache
-from vfmtok_jax import distributed
+from vfmtok_jax import cli_setup
 from vfmtok_jax import gpt_io
 from vfmtok_jax import tokenizer_io
 from vfmtok_jax.tasks import generator_eval
@@ -36,15 +35,11 @@ _TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer folder to decode 
 _DTYPE = flags.DEFINE_enum("dtype", "", ["", "float32", "bfloat16"], "GPT compute dtype "
                            "override (the reference samples in bf16)")
 _WORKDIR = flags.DEFINE_string("workdir", None, "where results.json, logs and samples go")
-_CACHE = flags.DEFINE_string("compilation_cache", None, "JAX compilation cache dir; 'off' "
-                             "disables it")
+_CACHE = cli_setup.define_cache_flag()
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  distributed.initialize_from_env()
-  compilation_cache.enable(_CACHE.value)
+  cli_setup.start(argv, _CACHE)
   model, params, meta = gpt_io.load_gpt(_GPT.value, dtype=_DTYPE.value or None)
   tok = tokenizer_io.load_tokenizer(_TOKENIZER.value)
   sampler.check_pair(meta, model, tok)

@@ -23,8 +23,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from vfmtok_jax import compilation_cache
-from vfmtok_jax import distributed
+from vfmtok_jax import cli_setup
 from vfmtok_jax import tokenizer_io
 from vfmtok_jax.tasks import code_extraction
 
@@ -33,15 +32,11 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/extract_codes
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer folder (convert / train_tokenizer)")
 _VFM = flags.DEFINE_string("vfm", "", "VFM source overriding the tokenizer folder's")
 _OUT = flags.DEFINE_string("out", None, "codes folder to write (or finish)")
-_CACHE = flags.DEFINE_string("compilation_cache", None, "JAX compilation cache dir; 'off' "
-                             "disables it")
+_CACHE = cli_setup.define_cache_flag()
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  distributed.initialize_from_env()
-  compilation_cache.enable(_CACHE.value)
+  cli_setup.start(argv, _CACHE)
   tok = tokenizer_io.load_tokenizer(_TOKENIZER.value, vfm_source=_VFM.value or None)
   info = code_extraction.extract(tok, _CONFIG.value, _OUT.value, tok_path=_TOKENIZER.value)
   print(f"codes: {info.num_examples} examples x {info.num_variants} variants x "

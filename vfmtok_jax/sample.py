@@ -28,8 +28,7 @@ from absl import flags
 import jax
 import numpy as np
 
-from vfmtok_jax import compilation_cache
-from vfmtok_jax import distributed
+from vfmtok_jax import cli_setup
 from vfmtok_jax import gpt_io
 from vfmtok_jax import tokenizer_io
 from vfmtok_jax.data import images as image_io
@@ -54,15 +53,11 @@ _IMAGE_SIZE = flags.DEFINE_integer("image_size", 0, "decoded image size (0: 256 
 _DTYPE = flags.DEFINE_enum("dtype", "", ["", "float32", "bfloat16"], "GPT compute dtype "
                            "override (the reference samples in bf16)")
 _OUT = flags.DEFINE_string("out", None, "output .npz")
-_CACHE = flags.DEFINE_string("compilation_cache", None, "JAX compilation cache dir; 'off' "
-                             "disables it")
+_CACHE = cli_setup.define_cache_flag()
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  distributed.initialize_from_env()
-  compilation_cache.enable(_CACHE.value)
+  cli_setup.start(argv, _CACHE)
   model, params, meta = gpt_io.load_gpt(_GPT.value, dtype=_DTYPE.value or None)
   tok = None
   if _TOKENIZER.value:

@@ -20,7 +20,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from vfmtok_jax import compilation_cache
+from vfmtok_jax import cli_setup
 from vfmtok_jax import gpt_io
 from vfmtok_jax import tokenizer_io
 from vfmtok_jax.tasks import demo_scoring
@@ -29,16 +29,13 @@ from vfmtok_jax.tasks import sampler
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "the demo's workdir")
 _SCALES = flags.DEFINE_list("scales", ["1.0", "1.5", "2.0", "3.0"], "CFG scales to score")
 _PER_CLASS = flags.DEFINE_integer("samples_per_class", 16, "samples per class and scale")
-_CACHE = flags.DEFINE_string("compilation_cache", None, "JAX compilation cache dir; 'off' "
-                             "disables it")
+_CACHE = cli_setup.define_cache_flag()
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  compilation_cache.enable(_CACHE.value)
+  cli_setup.start(argv, _CACHE, multi_host=False)
   tok_dir = os.path.join(_WORKDIR.value, "tokenizer", "export")
   gpt_dir = os.path.join(_WORKDIR.value, "gpt", "gpt")
   for what, path, name in (("tokenizer", tok_dir, tokenizer_io.TOKENIZER_JSON),

@@ -24,23 +24,17 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from vfmtok_jax import compilation_cache
-from vfmtok_jax import distributed
+from vfmtok_jax import cli_setup
 from vfmtok_jax.tasks import tokenizer as tokenizer_task
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/tokenizer.py:VARIANT",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, logs and images go")
-_CACHE = flags.DEFINE_string(
-    "compilation_cache", None, "JAX persistent compilation cache directory (default "
-    "~/.cache/vfmtok_jax/jax, or $JAX_COMPILATION_CACHE_DIR when set); 'off' disables it")
+_CACHE = cli_setup.define_cache_flag()
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  distributed.initialize_from_env()
-  cache = compilation_cache.enable(_CACHE.value)
+  cache = cli_setup.start(argv, _CACHE)
   logging.info("compilation cache: %s", cache or "off")
   final = tokenizer_task.train(_CONFIG.value, _WORKDIR.value)
   logging.info("finished: %s", final)

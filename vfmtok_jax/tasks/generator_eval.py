@@ -43,6 +43,12 @@ def _in_chunks(images: np.ndarray, size: int):
     yield images[start:start + size]
 
 
+def own_features(images: np.ndarray, extract, chunk: int) -> dict[str, np.ndarray]:
+  """Features of this process' images (in chunks of `chunk`), gathered over the processes."""
+  parts = [extract(x) for x in _in_chunks(images, chunk)] or [extract(images)]
+  return {k: distributed.gather_rows(np.concatenate([p[k] for p in parts])) for k in parts[0]}
+
+
 def sample_images(model, params, tok, labels: np.ndarray, settings, *, seed: int,
                   batch_size: int, image_size: int, log: Callable[[str], None] = print):
   """(this process' uint8 images, their labels, throughput record) of all `labels`' samples."""
@@ -83,9 +89,7 @@ def run(model, params, tok, cfg, workdir: str, *, gpt_path: str = "",
                                             batch_size=cfg.batch_size,
                                             image_size=cfg.image_size, log=log)
   chunk = cfg.batch_size
-  feats = [extract(x) for x in _in_chunks(images, chunk)] or [extract(images)]
-  sample_feats = {k: distributed.gather_rows(np.concatenate([f[k] for f in feats]))
-                  for k in feats[0]}
+  sample_feats = own_features(images, extract, chunk)
   ref = suite.side_of_file(cfg.ref_batch, extract, chunk)
   results, why = suite.adm_metrics(ref, suite.Side("the samples", {}, sample_feats))
   fd_label = ""
@@ -94,8 +98,7 @@ def run(model, params, tok, cfg, workdir: str, *, gpt_path: str = "",
     if ref_info.image_shape is None:
       why["fd_vfm"] = f"{cfg.ref_batch} has no images (arr_0)"
     else:
-      mine = distributed.gather_rows(np.concatenate(
-          [fd(x) for x in _in_chunks(images, chunk)] or [fd(images)]))
+      mine = own_features(images, lambda x: {"e": fd(x)}, chunk)["e"]
       theirs = suite.features(batches.iter_images(cfg.ref_batch, chunk),
                               lambda x: {"e": fd(x)})["e"]
       results["fd_vfm"] = vfm_features.frechet_distance(mine, theirs)

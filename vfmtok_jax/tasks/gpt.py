@@ -27,7 +27,11 @@ from vfmtok_jax import sharding as shd
 from vfmtok_jax import tokenizer_io
 from vfmtok_jax.data import codes as codes_lib
 from vfmtok_jax.data import images as image_io
+from vfmtok_jax.evaluators import batches
+from vfmtok_jax.evaluators import inception as inception_lib
+from vfmtok_jax.evaluators import suite
 from vfmtok_jax.models import gpt as gpt_lib
+from vfmtok_jax.tasks import generator_eval
 from vfmtok_jax.tasks import sampler
 from vfmtok_jax.train import loop
 from vfmtok_jax.train import optim
@@ -64,6 +68,24 @@ class SampleGridSettings:
   top_p: float = 1.0
 
 
+@dataclasses.dataclass(frozen=True)
+class SampleEvalSettings:
+  """Samples scored at each eval against an ADM reference batch (off with num_samples=0)."""
+  num_samples: int = 0
+  ref_batch: str = ""
+  inception: str = "default"  # FID Inception weights: "default" ($VFMTOK_JAX_WEIGHTS) or a path
+  cfg_scale: float = 1.5
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  batch_size: int = 32
+  image_size: int = 0         # 0: 256 for a 336 px tokenizer, else its size
+
+  @property
+  def enabled(self) -> bool:
+    return self.num_samples > 0
+
+
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(mean CE, mean top-1 accuracy) over the (B, T) positions; logits (B, T, V)."""
   ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
@@ -78,7 +100,9 @@ class GPTTask(task_lib.Task):
   def __init__(self, *, model: gpt_lib.GPT, tx: optax.GradientTransformation,
                lr_fn: optax.Schedule, ema_decay: float, batch_size: int, eval_batch_size: int,
                seed: int, data: DataSettings, sample_grid: SampleGridSettings,
-               tokenizer_path: str = "", eval_ema: bool = True, export_ema: bool = True):
+               tokenizer_path: str = "", eval_ema: bool = True, export_ema: bool = True,
+               sample_eval: SampleEvalSettings = SampleEvalSettings(),
+               inception_features=None):
     self.model, self.tx, self.lr_fn, self.ema_decay = model, tx, lr_fn, ema_decay
     self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size, seed
     self.data, self.grid = data, sample_grid
@@ -91,6 +115,13 @@ class GPTTask(task_lib.Task):
       self._check_codes(self.dataset.info)
     if tokenizer_path:
       self._check_tokenizer()
+    self.sample_eval, self._inception = sample_eval, inception_features
+    self._ref_side = None
+    if sample_eval.enabled:
+      if not tokenizer_path or not sample_eval.ref_batch or inception_features is None:
+        raise ValueError("sample_eval needs `tokenizer` (to decode), sample_eval.ref_batch (an "
+                         "ADM reference batch) and the Inception weights")
+      batches.inspect(sample_eval.ref_batch)  # a missing file fails before training
 
   # -- data -------------------------------------------------------------------------------------
 
@@ -241,8 +272,28 @@ class GPTTask(task_lib.Task):
       grid = self.sample_grid(params, jax.random.PRNGKey(self.seed + 1))
     if grid is not None:
       images["samples"] = grid
+    if self.sample_eval.enabled:
+      result.update(self.sample_metrics(params))
     del step
     return result, images
+
+  def sample_metrics(self, params) -> dict[str, float]:
+    """ADM metrics of `sample_eval.num_samples` samples (fixed labels and seed at every eval)
+    against the reference batch, as `eval_generator` computes them: eval_gen_{inception_score,
+    fid, sfid, precision, recall}."""
+    s = self.sample_eval
+    labels = sampler.choose_labels(labels="", num=s.num_samples, per_class=False,
+                                   num_classes=self.model.num_classes, seed=self.seed + 2)
+    settings = sampler.SamplingSettings(cfg_scale=s.cfg_scale, temperature=s.temperature,
+                                        top_k=s.top_k, top_p=s.top_p)
+    images, _, _ = generator_eval.sample_images(
+        self.model, params, self.tokenizer, labels, settings, seed=self.seed + 2,
+        batch_size=s.batch_size, image_size=s.image_size, log=lambda _: None)
+    if self._ref_side is None:  # the reference's features once per run
+      self._ref_side = suite.side_of_file(s.ref_batch, self._inception, s.batch_size)
+    feats = generator_eval.own_features(images, self._inception, s.batch_size)
+    results, _ = suite.adm_metrics(self._ref_side, suite.Side("samples", {}, feats))
+    return {f"eval_gen_{k}": v for k, v in results.items()}
 
   def eval_line(self, step, metrics):
     if "eval_loss" not in metrics:
@@ -289,12 +340,19 @@ def from_config(config) -> GPTTask:
                          decay=o.decay)
   tx = optim.adam(lr_schedule=lr_fn, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
                   grad_clip=o.grad_clip, mask=gpt_decay_mask)
+  sample_eval = SampleEvalSettings(**config.sample_eval)
+  extract = None
+  if sample_eval.enabled:
+    net, net_params = inception_lib.load_inception(
+        None if sample_eval.inception == "default" else sample_eval.inception)
+    extract = inception_lib.InceptionFeatures(net, net_params)
   return GPTTask(model=model, tx=tx, lr_fn=lr_fn, ema_decay=config.ema_decay,
                  batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
                  seed=config.seed, data=DataSettings(**config.data),
                  sample_grid=SampleGridSettings(**config.sample_grid),
                  tokenizer_path=config.tokenizer, eval_ema=config.eval_ema,
-                 export_ema=config.export_ema)
+                 export_ema=config.export_ema, sample_eval=sample_eval,
+                 inception_features=extract)
 
 
 def build(config, devices=None, task: GPTTask | None = None):

@@ -35,6 +35,7 @@ from vfmtok_jax.models import dino_disc
 from vfmtok_jax.models import quantizer as quantizer_lib
 from vfmtok_jax.models import region_encoder
 from vfmtok_jax.models import tokenizer as tokenizer_lib
+from vfmtok_jax.tasks import tokenizer_eval
 from vfmtok_jax.train import loop
 from vfmtok_jax.train import optim
 from vfmtok_jax.train import program as program_lib
@@ -121,7 +122,8 @@ class TokenizerTask(task_lib.Task):
                codebook: CodebookSettings, encoder_init: str, ema_decay: float,
                input_cfg: ml_collections.ConfigDict, batch_size: int, eval_batch_size: int,
                seed: int, eval_ema: bool, export_ema: bool, vfm_record: dict,
-               batch_shards: int = 1, init_from: str = ""):
+               batch_shards: int = 1, init_from: str = "",
+               scorers: tokenizer_eval.Scorers | None = None):
     self.tok, self.model, self.tx, self.lr_fn = tok, tok.model, tx, lr_fn
     self.loss, self.disc_cfg, self.ema_decay = loss, disc, ema_decay
     self.codebook = codebook
@@ -137,6 +139,7 @@ class TokenizerTask(task_lib.Task):
     self.input_cfg, self.batch_size, self.eval_batch_size = input_cfg, batch_size, eval_batch_size
     self.seed, self.eval_ema, self.export_ema = seed, eval_ema, export_ema
     self.vfm_record = vfm_record
+    self.scorers = scorers or tokenizer_eval.Scorers()
     self.semantic = loss.semantic_weight > 0
     self.lpips = lpips_lib.LPIPS() if loss.perceptual_weight > 0 else None
     if disc.norm_groups not in NORM_GROUPS:
@@ -446,7 +449,9 @@ class TokenizerTask(task_lib.Task):
 
   def evaluate(self, program, state, constants, step, *, grid_images: int = 8):
     """Mean PSNR over the real (unpadded) held-out examples, decoded from their codes; codebook
-    usage and perplexity over the whole set; a grid of originals above reconstructions."""
+    usage and perplexity over the whole set; SSIM (both ranges) and whatever `eval_scorers`
+    turns on (rFID, rIS, FD-VFM, LPIPS) as `eval_tokenizer` computes them on the uint8 pairs;
+    a grid of originals above reconstructions."""
     del step
     if self._eval_batches is None:
       self._eval_batches = input_pipeline.make_eval_batches(
@@ -456,8 +461,13 @@ class TokenizerTask(task_lib.Task):
     params = state.ema_params if self.eval_ema else state.params
     size = self.model.codebook_size
     psnrs, counts, originals, recons = [], np.zeros(size, np.int64), [], []
+    scored = tokenizer_eval.ReconAccumulator(self.scorers, codebook_size=size)
     for batch in self._eval_batches:
       out = self._eval_fn(params, constants["vfm"], batch["image"])
+      own = distributed.local_rows(batch["_mask"]).astype(bool)  # this process' real rows
+      scored.add(image_io.to_uint8(distributed.local_rows(batch["image"])[own]),
+                 image_io.to_uint8(distributed.local_rows(out["recon"])[own]),
+                 distributed.local_rows(out["indices"])[own])
       mask = distributed.to_host(batch["_mask"]).astype(bool)
       psnrs.append(distributed.to_host(out["psnr"])[mask])
       counts += np.bincount(distributed.to_host(out["indices"])[mask].ravel(), minlength=size)
@@ -471,6 +481,9 @@ class TokenizerTask(task_lib.Task):
               "eval_codebook_usage": float((counts > 0).mean()),
               "eval_codebook_unused": float((counts == 0).sum()),
               "eval_codebook_perplexity": float(np.exp(-(nz * np.log(nz)).sum()))}
+    extra, _ = scored.result()
+    result.update({f"eval_{k}": v for k, v in extra.items()
+                   if k in ("ssim", "ssim_reference", "lpips", "rfid", "ris", "fd_vfm")})
     images = {}
     if originals:
       o = np.concatenate(originals)[:grid_images]
@@ -588,7 +601,8 @@ def from_config(config, vfm: vfm_zoo.VFM | None = None, *,
       ema_decay=config.ema_decay, input_cfg=config.input, batch_size=config.batch_size,
       eval_batch_size=config.eval_batch_size, seed=config.seed, eval_ema=config.eval_ema,
       export_ema=config.export_ema, vfm_record=vfm_record(config.vfm),
-      batch_shards=batch_shards, init_from=config.init_from)
+      batch_shards=batch_shards, init_from=config.init_from,
+      scorers=tokenizer_eval.scorers_from_config(config.eval_scorers, tok))
 
 
 def _batch_shards(mesh) -> int:

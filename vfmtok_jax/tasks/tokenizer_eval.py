@@ -20,6 +20,7 @@ values, features and code counts are gathered at the end.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -88,13 +89,22 @@ def reconstruct_fn(tok: vfmtok.VFMTok) -> Callable:
   return fn
 
 
+def _pairs_fn(_, a, b):
+  return recon.pair_metrics(a, b)
+
+
+@functools.lru_cache(maxsize=8)
+def _pair_metrics(batch_size: int) -> batched.PaddedApply:
+  """One compiled per-image metrics program per batch size, shared by every evaluation."""
+  return batched.PaddedApply(_pairs_fn, (), batch_size=batch_size)
+
+
 class ReconAccumulator:
   """Scores uint8 (input, reconstruction) pairs batch by batch; `result()` over all processes."""
 
   def __init__(self, scorers: Scorers, *, codebook_size: int, batch_size: int = 64):
     self.scorers = scorers
-    self._pairs = batched.PaddedApply(lambda _, a, b: recon.pair_metrics(a, b), (),
-                                      batch_size=batch_size)
+    self._pairs = _pair_metrics(batch_size)
     self._per_image: dict[str, list] = {k: [] for k in PER_IMAGE}
     self._feats: dict[str, list] = {}
     self.counts = np.zeros(codebook_size, np.int64)
