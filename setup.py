@@ -36,6 +36,8 @@ EXTRAS = {
         "torch>=2.13",
         "onnxruntime>=1.31",
         "kornia>=0.9.0",
+        # libtpu's topology descriptions: the AOT planner's tests compile for TPU slices here.
+        "jax[tpu]>=0.10.2",
     ],
     "tpu": ["jax[tpu]>=0.10.2"],
     "gpu": ["jax[cuda12]>=0.10.2"],

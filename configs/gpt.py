@@ -36,7 +36,8 @@ def model_config(name: str) -> ml_collections.ConfigDict:
       vocab_size=16384, num_classes=1000, block_size=256, dim=dim, num_layers=layers,
       num_heads=heads, num_kv_heads=heads, multiple_of=256, ffn_dim_multiplier=0.0,
       rope_base=10000.0, norm_eps=1e-5, token_dropout=0.1, attn_dropout=0.0,
-      resid_dropout=0.1, ffn_dropout=0.1, class_dropout=0.1, remat=False, dtype="bfloat16"))
+      resid_dropout=0.1, ffn_dropout=0.1, class_dropout=0.1, remat=False, scan_unroll=1,
+      dtype="bfloat16"))
 
 
 def get_config(arg=None):

@@ -47,6 +47,8 @@ def test_kmeans_matches_a_numpy_lloyd_and_lowers_the_error():
   start = np.asarray(jax.random.choice(key, len(points), (K,), replace=False))
   assert len(set(start.tolist())) == K
   want = _numpy_lloyd(points, start, 8)
+  # Unit vectors through 8 f32 Lloyd steps against numpy's: sums of ~170 members per centre in
+  # another order (~1e-6); a wrong assignment or renormalisation moves a centre by > 1e-2.
   np.testing.assert_allclose(got, want, atol=2e-5)
   err = lambda c: float(np.mean(1 - np.max(points @ c.T, axis=1)))
   assert err(got) < 0.8 * err(points[start])

@@ -53,6 +53,8 @@ def test_golden_fixture_float32(msda_io, impl):
   out, gv, gl, ga = _vjp(impl, shapes, io["value"], io["sampling_locations"],
                          io["attention_weights"], io["grad_output"])
   assert out.shape == io["output"].shape and out.dtype == jnp.float32
+  # The official CUDA-free PyTorch path against ours, f32: outputs are sums of L x P ~ 16
+  # bilinear samples of O(1) values (few ulp); gradients also sum over queries (~1e-5).
   np.testing.assert_allclose(out, io["output"], atol=1e-5, rtol=0)
   np.testing.assert_allclose(gv, io["grad_value"], atol=1e-4, rtol=0)
   np.testing.assert_allclose(gl, io["grad_sampling_locations"], atol=1e-4, rtol=0)
@@ -72,6 +74,7 @@ def test_golden_fixture_float64(msda_io, impl):
             ("value", "sampling_locations", "attention_weights", "grad_output")]
     out, gv, gl, ga = _vjp(impl, shapes, *args)
     assert out.dtype == jnp.float64 and gl.dtype == jnp.float64
+    # float64 on both sides: the same sums to ~1e-15; 1e-10 leaves room for the order only.
     np.testing.assert_allclose(out, io["output_f64"], atol=1e-10, rtol=0)
     np.testing.assert_allclose(gv, io["grad_value_f64"], atol=1e-10, rtol=0)
     np.testing.assert_allclose(gl, io["grad_sampling_locations_f64"], atol=1e-10, rtol=0)
@@ -86,6 +89,7 @@ def test_matches_transformers_random_shapes(impl):
   assert ((loc < 0) | (loc > 1)).any(-1).mean() > 0.2
   ours = _vjp(impl, shapes, value, loc, attn, grad_out)
   ref = _torch_ref(shapes, value, loc, attn, grad_out)
+  # transformers' PyTorch function, f32, as for the golden fixture above.
   np.testing.assert_allclose(ours[0], ref[0], atol=1e-5, rtol=0)
   for got, want in zip(ours[1:], ref[1:]):
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
@@ -103,6 +107,7 @@ def test_location_gradients_at_borders():
   loc[..., 1] = ys[None, :, None, None, None] + 0.01 * np.arange(2)[:, None]
   ref = _torch_ref(shapes, value, loc, attn, grad_out)
   ours = _vjp("auto", shapes, value, loc, attn, grad_out)
+  # f32 against PyTorch, few samples per query: a few ulp of O(1) values.
   for got, want in zip(ours, ref):
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
   # Samples entirely outside (x = -0.5 or 1.7) contribute nothing and get zero gradient.

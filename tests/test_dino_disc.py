@@ -171,6 +171,8 @@ def _nhwc(x):
   return jnp.asarray(x.transpose(0, 2, 3, 1))
 
 
+# PyTorch oracle vs ours in f32 through a few conv/attention layers: rounding is ~1e-6 of the
+# values' scale; a wrong layout or norm group moves them by > 1e-2 of it.
 def _close(got, want, tol=1e-4):
   np.testing.assert_allclose(got, want, rtol=tol, atol=tol * float(np.abs(want).max()))
 
@@ -186,6 +188,7 @@ def test_matches_torch_train_then_eval(setup):
   assert got.shape == (10, 5 * 16) and got.dtype == jnp.float32
   _close(got, want)
   torch_sn = ref.heads[2][1].fn[0]
+  # One power iteration on unit vectors in f32, here and in torch: a few ulp.
   np.testing.assert_allclose(new_spec["heads"]["head_2"]["res_conv"]["u"],
                              torch_sn.weight_u.numpy(), atol=1e-5)
   np.testing.assert_allclose(new_spec["heads"]["head_2"]["res_conv"]["v"],
@@ -336,6 +339,7 @@ def test_gan_losses():
   real, fake = rng.standard_normal((4, 80)) * 2, rng.standard_normal((4, 80)) * 2
   tr, tf = torch.from_numpy(real), torch.from_numpy(fake)
   want_d = 0.5 * (torch.mean(F.relu(1. - tr)) + torch.mean(F.relu(1. + tf)))
+  # Means of a few hundred f32 terms in both frameworks: relative ~1e-7.
   np.testing.assert_allclose(gan.hinge_d_loss(jnp.asarray(real), jnp.asarray(fake)),
                              want_d.item(), rtol=1e-6)
   np.testing.assert_allclose(gan.softplus_g_loss(jnp.asarray(fake)),

@@ -31,6 +31,8 @@ def test_psnr_and_ssim_match_scikit_image_as_the_reference_calls_it():
   out = jax.device_get(recon.pair_metrics_jit(b, a))
   for i in range(len(a)):
     rec, gt = b[i].astype(np.float32) / 255.0, a[i].astype(np.float32) / 255.0
+    # Same pixels, f32 (ours) vs scikit-image: PSNR from one mean (~1e-7); SSIM's cancellation
+    # (E[x^2] - E[x]^2) leaves ~1e-7 absolute per window, averaged: 2e-6 absolute.
     np.testing.assert_allclose(out["psnr"][i], skm.peak_signal_noise_ratio(gt, rec), rtol=1e-5)
     for name, data_range in (("ssim", 1.0), ("ssim_reference", 2.0)):
       want = skm.structural_similarity(rec, gt, channel_axis=-1, data_range=data_range)
@@ -81,6 +83,7 @@ def test_vfm_features_follow_the_fd_dinov2_protocol(tiny_vfm):
   x = np.stack([np.asarray(Image.fromarray(im).resize((56, 56), Image.BICUBIC)) for im in images])
   x = (x.astype(np.float32) / 255.0 - np.asarray(tiny_vfm.mean)) / np.asarray(tiny_vfm.std)
   want = tiny_vfm.module.apply({"params": tiny_vfm.params}, x)["cls"]
+  # The extractor's padded batches vs one direct apply of the same f32 ViT: ~1e-6 of O(1).
   np.testing.assert_allclose(out, np.asarray(want), atol=1e-5)
   assert feats.label == "FD-dinov2 (random tiny DINOv2)"
   a, b = rng.normal(size=(50, 4)), rng.normal(size=(60, 4)) + 0.5
@@ -97,6 +100,8 @@ def test_linear_probe_is_scikit_learns_logistic_regression():
   probe = linear_probe.fit(x, y, num_classes=k, l2=l2)
   xs = (x - probe.mean) / probe.scale
   ref = linear_model.LogisticRegression(C=1.0 / (l2 * n), tol=1e-10, max_iter=10000).fit(xs, y)
+  # Two solvers to tol 1e-10 of the same strictly convex objective; optax L-BFGS in f32 stops
+  # at ~1e-6 relative gradient: weights agree to ~1e-5 (a wrong l2 scale moves them by > 1e-2).
   np.testing.assert_allclose(probe.kernel, ref.coef_.T, atol=2e-5)
   np.testing.assert_allclose(probe.bias - probe.bias.mean(),
                              ref.intercept_ - ref.intercept_.mean(), atol=2e-5)

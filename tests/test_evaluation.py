@@ -72,6 +72,8 @@ def test_resize_is_tensorflows_legacy_bilinear(hw):
   want = tf.compat.v1.image.resize_bilinear(images.astype(np.float32), (299, 299),
                                             align_corners=False).numpy()
   got = np.asarray(inception.preprocess(jnp.asarray(images))) * 128 + 128
+  # TensorFlow's f32 kernel vs ours: weights and products rounded in another order, ~1e-6 of
+  # the 0..255 scale.
   np.testing.assert_allclose(got, want, atol=2e-4)  # 0..255 scale, f32 rounding
 
 
@@ -105,6 +107,7 @@ def test_frechet_distance_matches_the_eigenvalue_formula():
   eig = np.linalg.eigvals(s1 @ s2).real.clip(0)
   want = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(eig).sum()
   got = adm.frechet_distance(adm.statistics(a), adm.statistics(b))
+  # float64 on both sides, scipy sqrtm vs an eigenvalue formula: ~1e-12 relative.
   np.testing.assert_allclose(got, want, rtol=1e-9)
   # A rank-deficient covariance (fewer samples than dimensions): still ~0 against itself.
   few = _gaussians(2, 10, 32)
@@ -119,6 +122,7 @@ def test_inception_score_matches_scipy():
   for part in (probs[:5000], probs[5000:10000], probs[10000:]):  # ADM's splits of 5,000
     kl = scipy_stats.entropy(part.T, part.mean(0)[:, None])     # KL(p(y|x) || p(y)) per row
     scores.append(np.exp(kl.mean()))
+  # f32 softmax (ours, as ADM) vs scipy's float64 entropy: relative ~1e-6.
   np.testing.assert_allclose(adm.inception_score(logits), np.mean(scores), rtol=1e-5)
 
 
@@ -243,6 +247,8 @@ def test_evaluate_command_line(oracle, tmp_path):
   lines = dict(line.split(": ", 1) for line in out.stdout.splitlines() if ": " in line)
   metrics = json.loads((tmp_path / "m.json").read_text())
   want_fid = adm.frechet_distance(adm.statistics(sample_feats["pool"]), stored)
+  # The CLI's streamed f32 features vs in-process ones, through a 2048-d sqrtm: relative
+  # ~1e-6, amplified by sqrtm up to ~1e-5.
   np.testing.assert_allclose(metrics["fid"], want_fid, rtol=1e-4)
   np.testing.assert_allclose(float(lines["FID"]), want_fid, rtol=1e-4)
   np.testing.assert_allclose(metrics["inception_score"],

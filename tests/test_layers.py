@@ -9,7 +9,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "vfmtok_jax"
 # Bottom to top; a module may import from its own layer and the ones before it.
 LAYERS = (
     ("vfmtok_jax.ops", "vfmtok_jax.sharding", "vfmtok_jax.orbax_io", "vfmtok_jax.weights",
-     "vfmtok_jax.distributed", "vfmtok_jax.compilation_cache", "vfmtok_jax.cli_setup"),
+     "vfmtok_jax.distributed", "vfmtok_jax.compilation_cache", "vfmtok_jax.cli_setup",
+     "vfmtok_jax.tpu_topology"),
     ("vfmtok_jax.models",),
     ("vfmtok_jax.vfm_zoo", "vfmtok_jax.vfmtok", "vfmtok_jax.tokenizer_io", "vfmtok_jax.gpt_io"),
     ("vfmtok_jax.losses", "vfmtok_jax.data"),
@@ -19,7 +20,8 @@ LAYERS = (
     ("vfmtok_jax.train_tokenizer", "vfmtok_jax.features", "vfmtok_jax.tokenize",
      "vfmtok_jax.convert", "vfmtok_jax.train_gpt", "vfmtok_jax.extract_codes",
      "vfmtok_jax.sample", "vfmtok_jax.demo", "vfmtok_jax.evaluate", "vfmtok_jax.eval_tokenizer",
-     "vfmtok_jax.eval_generator", "vfmtok_jax.score_demo", "vfmtok_jax.linear_probe"),
+     "vfmtok_jax.eval_generator", "vfmtok_jax.score_demo", "vfmtok_jax.linear_probe",
+     "vfmtok_jax.aot"),
 )
 
 

@@ -10,13 +10,18 @@ import jax
 import pytest
 
 from tests import equivalence
+from tests import tiny_gpt_config
 from tests import tiny_training
+from tests.test_train_gpt import codes_dir  # noqa: F401  (a fixture: the tiny GPT's codes)
+from vfmtok_jax.tasks import gpt as gpt_task
 from vfmtok_jax.tasks import tokenizer as tokenizer_task
 from vfmtok_jax.train import checkpoint as ckpt_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "tests", "tiny_training_config.py")
+GPT_CONFIG = os.path.join(ROOT, "tests", "tiny_gpt_config.py")
 LR = 1e-4
+GPT_LR = 1e-3
 
 
 def _free_port() -> int:
@@ -48,11 +53,16 @@ def _flags(vfm, total_steps, max_steps_per_run=0, data_shards=2):
           "--config.optim.decay=constant"]
 
 
-def _train_two_processes(workdir, flags):
+def _gpt_flags(codes, total_steps, max_steps_per_run=0):
+  return [f"--config.data.codes={codes}", f"--config.total_steps={total_steps}",
+          "--config.ckpt_every=2", "--config.log_every=1", "--config.keep_every=0",
+          f"--config.max_steps_per_run={max_steps_per_run}", f"--config.optim.lr={GPT_LR}"]
+
+
+def _train_two_processes(workdir, flags, module="vfmtok_jax.train_tokenizer", config=CONFIG):
   port = _free_port()
   procs = [subprocess.Popen(
-      [sys.executable, "-m", "vfmtok_jax.train_tokenizer", "--config", CONFIG,
-       "--workdir", str(workdir), *flags],
+      [sys.executable, "-m", module, "--config", config, "--workdir", str(workdir), *flags],
       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
       env=_env(4, JAX_COMPILATION_CACHE_DIR=_multiprocess_cache(), VFMTOK_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i), VFMTOK_CPU_COLLECTIVES="gloo"))
@@ -67,10 +77,9 @@ def _train_two_processes(workdir, flags):
   return outs
 
 
-def _train_one_process(workdir, flags):
+def _train_one_process(workdir, flags, module="vfmtok_jax.train_tokenizer", config=CONFIG):
   single = subprocess.run(
-      [sys.executable, "-m", "vfmtok_jax.train_tokenizer", "--config", CONFIG,
-       "--workdir", str(workdir), *flags],
+      [sys.executable, "-m", module, "--config", config, "--workdir", str(workdir), *flags],
       cwd=ROOT, capture_output=True, text=True, env=_env(8), timeout=600)
   assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
 
@@ -115,6 +124,30 @@ def _compare(tmp_path, vfm, reference: str, other: str):
   return equivalence.compare_runs(*ref, *run, lr=LR, steps_per_interval=2, zero_grad=zero_grad)
 
 
+def test_two_gpt_processes_match_one(codes_dir, tmp_path):  # noqa: F811
+  """The fast set's multi-process check (the tokenizer's twin below is `slow`: its steps cost
+  minutes here): 2 processes x 4 devices train, checkpoint, stop, restore and finish as one
+  process with 8 devices does, dropout on. The codes loader gives every process count the
+  same global batches, so only the reductions' order differs (tolerances in equivalence.py)."""
+  outs = _train_two_processes(tmp_path / "multi", _gpt_flags(codes_dir, 4, 2),
+                              "vfmtok_jax.train_gpt", GPT_CONFIG)
+  assert "stopping after 2 steps" in outs[0]
+  outs = _train_two_processes(tmp_path / "multi", _gpt_flags(codes_dir, 4),
+                              "vfmtok_jax.train_gpt", GPT_CONFIG)
+  assert "step 3/4" in outs[0] and "step 2/4" not in outs[0]
+  _train_one_process(tmp_path / "single", _gpt_flags(codes_dir, 4), "vfmtok_jax.train_gpt",
+                     GPT_CONFIG)
+  config = tiny_gpt_config.get_config()
+  with config.unlocked():
+    config.data.codes = codes_dir
+  _, program = gpt_task.build(config)
+  init = jax.device_get(program.init(jax.random.PRNGKey(config.seed)).params)
+  ref, run = (_run_record(tmp_path / n, program, init) for n in ("single", "multi"))
+  assert equivalence.compare_runs(*ref, *run, lr=GPT_LR, steps_per_interval=2,
+                                  zero_grad=set()) == []
+
+
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
   vfm = tiny_training.golden_vfm_file(tmp_path)
   # Two processes x 4 devices: 2 steps, stop (checkpoint), restart and finish at step 4.

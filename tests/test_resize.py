@@ -23,6 +23,7 @@ def test_bicubic_sizes(in_hw, out_hw):
                      ("torch_bicubic_align_corners", dict(align_corners=True)),
                      ("torch_bicubic_antialias", dict(align_corners=False, antialias=True))]:
     want = F.interpolate(t, size=out_hw, mode="bicubic", **kw).numpy()
+    # torch's f32 kernels vs our weight matrices: <= 16 taps of O(1) values, a few ulp each.
     np.testing.assert_allclose(_ours(x, out_hw, method), want, atol=1e-5, err_msg=method)
 
 
@@ -34,6 +35,7 @@ def test_bicubic_scale_factor_is_not_size():
                        align_corners=False).numpy()
   assert want.shape[-2:] == (16, 16)
   got = _ours(x, (16, 16), "torch_bicubic", scale_factor=sf)
+  # As above: f32 taps summed in another order.
   np.testing.assert_allclose(got, want, atol=1e-5)
   naive = _ours(x, (16, 16), "torch_bicubic")
   assert np.abs(naive - want).max() > 0.1
@@ -47,6 +49,7 @@ def test_kornia_resize(in_hw, out_hw):
   x = np.random.default_rng(2).uniform(-1, 1, (2, 3) + in_hw).astype(np.float32)
   want = kornia.geometry.transform.resize(torch.from_numpy(x), out_hw, interpolation="bicubic",
                                           align_corners=True, antialias=True).numpy()
+  # kornia blurs (antialias) then resizes: two f32 passes of ~16 taps each.
   np.testing.assert_allclose(_ours(x, out_hw, "kornia_bicubic"), want, atol=2e-5)
 
 
@@ -54,6 +57,7 @@ def test_kornia_resize(in_hw, out_hw):
 def test_area_matrix_matches_torch(n_in, n_out):
   a = torch.randn(1, 1, n_in, 5)
   want = F.interpolate(a, size=(n_out, 5), mode="area")[0, 0].numpy()
+  # Box means of a few f32 values: a few ulp of O(1).
   np.testing.assert_allclose(resize.area_matrix(n_in, n_out) @ a[0, 0].numpy(), want,
                              atol=1e-6)
 
@@ -65,6 +69,7 @@ def test_area_or_bicubic(in_hw):
   mode = "area" if in_hw[0] > 32 else "bicubic"
   want = F.interpolate(torch.from_numpy(x), size=(32, 32), mode=mode).numpy()
   got = resize.area_or_bicubic(jnp.asarray(x.transpose(0, 2, 3, 1)), 32)
+  # torch area/bicubic vs ours, f32 taps of O(1) values.
   np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), want, atol=1e-5)
 
 

@@ -69,6 +69,9 @@ def test_inferred_config(golden_tok):
 def test_encoder_intermediates(eval_outputs, tokenizer_io):
   enc, inter, _ = eval_outputs
   io = tokenizer_io
+  # Against the official code's f32 outputs (PyTorch, another machine): each atol is ~100x the
+  # rounding after that many layers on O(1) activations (1e-5 after a norm or one sampling step,
+  # 1e-4 after attention/MLP stacks); a wrong layout, offset or norm moves them by > 1e-2.
   np.testing.assert_allclose(inter["carrier_normed"][0], io["carrier_normed"], atol=1e-5)
   np.testing.assert_allclose(inter["kv_features"][0][0], io["kv_feature0_b0"], atol=1e-4)
   np.testing.assert_allclose(inter["kv_features"][3][0], io["kv_feature3_b0"], atol=1e-4)
@@ -86,6 +89,7 @@ def test_encoder_intermediates(eval_outputs, tokenizer_io):
 
 def test_indices_and_codes(eval_outputs, tokenizer_io):
   enc, _, dec = eval_outputs
+  # Exact codes: each runner-up trails by far more than f32 rounding (test_codes_have_clear_margins).
   np.testing.assert_array_equal(enc["indices"], tokenizer_io["indices"])
   np.testing.assert_allclose(enc["quant"], tokenizer_io["quant"], atol=1e-5)
   np.testing.assert_allclose(dec["post_quant"], tokenizer_io["post_quant"], atol=1e-5)
@@ -94,6 +98,7 @@ def test_indices_and_codes(eval_outputs, tokenizer_io):
 def test_decoder(eval_outputs, tokenizer_io, golden_tok):
   _, _, dec = eval_outputs
   io = tokenizer_io
+  # Through the pixel decoder's ~20 f32 layers: rounding ~1e-6 of O(1) pixels.
   np.testing.assert_allclose(dec["pixel_features"], io["dec_z"].transpose(0, 2, 3, 1), atol=1e-4)
   np.testing.assert_allclose(dec["recon"], io["recon"].transpose(0, 2, 3, 1), atol=1e-4)
   # The public API: decode_indices and the reference's uint8 conversion (+-1 at rounding).
@@ -123,12 +128,15 @@ def test_training_forward_losses_and_semantic(golden_tok, images, tokenizer_io):
   io = tokenizer_io
   total, out = jax.jit(functools.partial(_train_losses, golden_tok))(
       golden_tok.params, golden_tok.vfm.params, images)
+  # The training forward (dropout off) against the official code's, as the eval path above.
   np.testing.assert_allclose(out["recon"], io["train_recon"].transpose(0, 2, 3, 1), atol=1e-4)
   np.testing.assert_allclose(out["semantic_pre_proj"][0], io["semantic_pre_proj_b0"], atol=1e-4)
   np.testing.assert_allclose(out["semantic"][:, :16], io["semantic_first16"], atol=1e-4)
   # rec and total match the reference to ~1.3e-7 relative (f32 rounding of 2 x 3 x 32 x 32 means).
   np.testing.assert_allclose(out["rec"], io["train_loss_rec"], rtol=1e-5, err_msg="rec")
   np.testing.assert_allclose(total, io["train_loss_total"], rtol=1e-5, err_msg="total")
+  # The VQ and commitment losses are means of |q - z|^2 with q and z nearly equal (cancellation
+  # in f32 costs ~2 digits against the rec loss's 1e-7): rtol 1e-4.
   for name, key in [("vq_loss", "train_loss_vq"), ("commit_loss", "train_loss_commit")]:
     np.testing.assert_allclose(out[name], io[key], rtol=1e-4, err_msg=name)
   # The reference counts code 0 as used (zero-initialised register); ours is batch statistics.
@@ -149,6 +157,7 @@ def test_training_gradients(golden_tok, images, tokenizer_io, fixtures_dir):
     path, fn = by_key[name]
     want = fn(tokenizer_io[f"grad.{name}"])
     scale = np.abs(want).max()
+    # Gradients through the whole backward in f32, both frameworks: ~1e-6 of each tensor's scale.
     np.testing.assert_allclose(flat[path], want, atol=1e-4 * scale, rtol=1e-4, err_msg=name)
 
   # The L2 norm of EVERY trainable tensor's gradient (config.json, ~200 of them; the key map only
@@ -165,6 +174,8 @@ def test_training_gradients(golden_tok, images, tokenizer_io, fixtures_dir):
   for name, want in norms.items():
     got = float(np.linalg.norm(np.asarray(flat[by_key[name][0]], np.float64)))
     if want > 1e-6:
+      # Norms of gradients that pass through the VQ straight-through and the GAN-free loss sums:
+      # relative f32 noise ~1e-5 on the smallest (> 1e-6) ones.
       np.testing.assert_allclose(got, want, rtol=1e-3, err_msg=name)
     else:
       assert got < 1e-6, (name, got, want)
@@ -180,3 +191,16 @@ def test_converter_rejects_bad_state(tokenizer_state):
   text = str(e.value)
   assert "decoder.mid.1.q.weight" in text and "decoder.extra.weight" in text
   assert "post_slots_quant.weight" in text
+
+
+def test_codes_have_clear_margins(golden_tok, eval_outputs):
+  """The suite compares codes exactly (with the goldens, across batch splits, devices and
+  processes). That is sound only while no query sits near a tie: f32 rounding moves the
+  distances 2 - 2 cos by ~1e-7, so the runner-up must trail the chosen code by far more."""
+  enc, _, _ = eval_outputs
+  codebook = np.asarray(golden_tok.model.apply(
+      {"params": golden_tok.params}, method=lambda m: m.slot_quantize.codebook()), np.float64)
+  z = np.asarray(enc["z"], np.float64).reshape(-1, codebook.shape[1])
+  z /= np.linalg.norm(z, axis=-1, keepdims=True)
+  d = np.sort(2.0 - 2.0 * z @ codebook.T, axis=-1)
+  assert (d[:, 1] - d[:, 0]).min() > 1e-5

@@ -59,6 +59,7 @@ def test_matches_transformers(tmp_path, registers, swiglu):
     out = apply(params, jnp.asarray(x.transpose(0, 2, 3, 1)))
     # f32 rounding (ours vs torch f32, and torch f32 vs f64) measures <= 2e-6 of each output's
     # max magnitude (up to ~40 here), so compare at 2e-5 of it.
+    # transformers' PyTorch DINOv2 vs ours, f32, a few layers: rounding ~1e-6 of the scale.
     tol = lambda want: 2e-5 * np.abs(want).max()
     last = ref.last_hidden_state.numpy()
     np.testing.assert_allclose(out["last_hidden_state"], last, rtol=0, atol=tol(last))
@@ -77,6 +78,7 @@ def test_golden_vfm(tokenizer_io, tokenizer_state):
   images = jnp.asarray(tokenizer_io["images"].transpose(0, 2, 3, 1))
   x = preprocess.vfm_input(images, size=(336, 336), resize="kornia_bicubic",
                            mean=preprocess.IMAGENET_MEAN, std=preprocess.IMAGENET_STD)
+  # The official preprocessing (PyTorch bicubic, another machine) vs ours: f32 taps, O(1).
   np.testing.assert_allclose(x[0, :112, :112],
                              tokenizer_io["vfm_input_b0_top_left_112"].transpose(1, 2, 0),
                              atol=1e-4)
@@ -85,6 +87,7 @@ def test_golden_vfm(tokenizer_io, tokenizer_state):
                              atol=1e-4)
   out = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, x)
   for i in range(3):
+    # The official code's DINOv2 features (PyTorch f32) through several blocks: ~1e-6 of O(1-10).
     np.testing.assert_allclose(out["levels"][i][0], tokenizer_io[f"vfm_level{i}_b0"], atol=1e-4)
   np.testing.assert_allclose(out["levels"][3], tokenizer_io["vfm_level3"], atol=1e-4)
 

@@ -5,11 +5,15 @@ try to reach a coordinator. On TPU pods JAX discovers everything itself; elsewhe
 clusters, CPU tests) it reads:
   JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES, JAX_PROCESS_ID,
   optionally JAX_LOCAL_DEVICE_IDS (comma-separated) and VFMTOK_CPU_COLLECTIVES=gloo for CPU.
+Under SLURM (`srun`, one task per node) these come from the scheduler when not set
+(`slurm_settings`): the first node of SLURM_JOB_NODELIST as coordinator, SLURM_NTASKS and
+SLURM_PROCID.
 """
 
 from __future__ import annotations
 
 import os
+import re
 
 from absl import flags
 import jax
@@ -22,11 +26,40 @@ from orbax.checkpoint import multihost
 _ORBAX_DISTRIBUTED_BARRIER = "experimental_orbax_use_distributed_barrier"
 
 
+def first_host(nodelist: str) -> str:
+  """The first host of a SLURM node list: "gpu[003-005,9],cpu1" -> "gpu003"."""
+  entry = re.match(r"[^,\[]*(\[[^\]]*\][^,\[]*)*", nodelist.strip()).group(0)
+  if not entry:
+    raise ValueError(f"SLURM_JOB_NODELIST {nodelist!r}: no host")
+  # Each bracket group stands for its first value ("[003-005,9]" -> "003").
+  return re.sub(r"\[([^\],\-]*)[^\]]*\]", r"\1", entry)
+
+
+DEFAULT_SLURM_PORT = 12345
+
+
+def slurm_settings(env) -> dict[str, str]:
+  """JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID from SLURM's environment
+  ({} outside a SLURM step). The port is VFMTOK_COORDINATOR_PORT, else 12345 + the job id
+  modulo 4096 (two jobs sharing a first node do not collide)."""
+  if "SLURM_JOB_NODELIST" not in env or "SLURM_PROCID" not in env:
+    return {}
+  ntasks = env.get("SLURM_NTASKS") or env.get("SLURM_NPROCS")
+  if not ntasks:
+    raise ValueError("SLURM_PROCID is set but SLURM_NTASKS is not: launch the job with srun")
+  port = env.get("VFMTOK_COORDINATOR_PORT") or \
+      str(DEFAULT_SLURM_PORT + int(env.get("SLURM_JOB_ID", "0")) % 4096)
+  return {"JAX_COORDINATOR_ADDRESS": f"{first_host(env['SLURM_JOB_NODELIST'])}:{port}",
+          "JAX_NUM_PROCESSES": ntasks, "JAX_PROCESS_ID": env["SLURM_PROCID"]}
+
+
 def initialize_from_env(env=None) -> bool:
   """Initialises jax.distributed when VFMTOK_DISTRIBUTED=1; returns whether it did."""
   env = os.environ if env is None else env
   if env.get("VFMTOK_DISTRIBUTED", "0") != "1":
     return False
+  if not env.get("JAX_COORDINATOR_ADDRESS"):
+    env = {**env, **slurm_settings(env)}
   collectives = env.get("VFMTOK_CPU_COLLECTIVES")
   if collectives:
     jax.config.update("jax_cpu_collectives_implementation", collectives)

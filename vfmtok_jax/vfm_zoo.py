@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import re
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -104,6 +105,25 @@ def dinov2_vfm(module: dinov2.DinoV2, params, source: str) -> VFM:
   """A DINOv2 `VFM` (ImageNet statistics; native size from the position table)."""
   return VFM("dinov2", module, params, preprocess.IMAGENET_MEAN, preprocess.IMAGENET_STD,
              module.pos_grid * module.patch_size, source)
+
+
+def abstract_dinov2(name: str, **module_kwargs) -> VFM:
+  """A published DINOv2 tower without weights (`params` None), for shape-only work such as
+  ahead-of-time plans: `name` holds the architecture as the official file names do
+  ("dinov2_vitl14_reg4_pretrain.pth", "vitb14", ...; "_reg" adds 4 register tokens).
+
+  Raises:
+    ValueError: `name` names no published architecture.
+  """
+  m = re.search(r"vit([sblg])14(_reg\d*)?", os.path.basename(name), re.IGNORECASE)
+  if not m:
+    raise ValueError(f"{name!r} names no published DINOv2 architecture (vits14, vitb14, "
+                     "vitl14, vitg14, optionally with _reg4)")
+  letter = {"s": "S", "b": "B", "l": "L", "g": "g"}[m.group(1).lower()]
+  width, depth, heads, ffn = dinov2.VARIANTS[letter]
+  module = dinov2.DinoV2(embed_dim=width, depth=depth, num_heads=heads, ffn=ffn,
+                         num_register_tokens=4 if m.group(2) else 0, **module_kwargs)
+  return dinov2_vfm(module, None, name)
 
 
 def dinov2_from_official_state(state: Mapping[str, np.ndarray], *, source: str,

@@ -163,6 +163,7 @@ class GPT(nn.Module):
   ffn_dropout: float = 0.1
   class_dropout: float = 0.1
   remat: bool = False
+  scan_unroll: int = 1      # layers per iteration of the layer loop (num_layers: no loop)
   dtype: Dtype = jnp.float32
 
   @property
@@ -231,7 +232,8 @@ class GPT(nn.Module):
     stack = nn.scan(block, variable_axes={"params": 0},
                     split_rngs={"params": True, "dropout": True},
                     in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
-                    length=self.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+                    length=self.num_layers, unroll=self.scan_unroll,
+                    metadata_params={nn.PARTITION_NAME: "layers"})
     # Each layer reads its slice of the stacked cache; the S new keys and values of all layers
     # come out of the scan stacked, and are written into the cache once, after it (in place
     # when the cache is a loop carry or donated).

@@ -74,40 +74,56 @@ def guidance(settings: SamplingSettings, num_tokens: int) -> tuple[np.ndarray, n
   return scale.astype(np.float32), guided
 
 
+def cast_for_sampling(model: gpt_lib.GPT, params):
+  """The matmul weights in the compute dtype (once, not at every token). RMSNorm scales stay
+  f32 (by name: under the layer scan they are (num_layers, dim), so ndim cannot tell them
+  apart)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, w: w if path[-1].key == "scale" else w.astype(model.dtype), params)
+
+
+def decode_token(params, cache, prev, n, key, row_ids, scales, guided_tokens, temperature, *,
+                 model: gpt_lib.GPT, guided: bool, top_k: int, top_p: float):
+  """One decode step: token n of every row from token n - 1 (`prev`, (B,)) and the cache.
+
+  Returns (cache with position n written, tokens (B,) int32, the guided logits (B, vocab)).
+  `params` as `cast_for_sampling` gives them; with guidance the cache holds 2B rows.
+  """
+  inputs = jnp.concatenate([prev, prev]) if guided else prev
+  logits, cache = model.apply({"params": params}, inputs[:, None], None, cache=cache, start=n)
+  step_logits = _guide(logits[:, -1], n, scales, guided_tokens, guided)
+  return cache, _draw(step_logits, n, key, row_ids, temperature, top_k, top_p), step_logits
+
+
+def _guide(logits, n, scales, guided_tokens, guided: bool):
+  if not guided:
+    return logits
+  b = logits.shape[0] // 2
+  cond, uncond = logits[:b], logits[b:]
+  return jnp.where(guided_tokens[n], uncond + scales[n] * (cond - uncond), cond)
+
+
+def _draw(logits, n, key, row_ids, temperature, top_k: int, top_p: float):
+  keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(key, r), n))(row_ids)
+  return sampling.sample_rows(keys, logits, temperature=temperature, top_k=top_k, top_p=top_p)
+
+
 def _generate(params, labels, row_ids, key, scales, guided_tokens, temperature, *,
               model: gpt_lib.GPT, guided: bool, top_k: int, top_p: float, return_logits: bool):
-  b = labels.shape[0]
   t = model.block_size
   rows = jnp.concatenate([labels, jnp.full_like(labels, model.null_class)]) if guided \
       else labels
   cache = gpt_lib.init_cache(model, rows.shape[0], t)
-  # The matmul weights in the compute dtype once, not at every token. RMSNorm scales stay f32
-  # (by name: under the layer scan they are (num_layers, dim), so ndim cannot tell them apart).
-  params = jax.tree_util.tree_map_with_path(
-      lambda path, w: w if path[-1].key == "scale" else w.astype(model.dtype), params)
-
-  def guide(logits, n):
-    if not guided:
-      return logits
-    cond, uncond = logits[:b], logits[b:]
-    return jnp.where(guided_tokens[n], uncond + scales[n] * (cond - uncond), cond)
-
-  def draw(logits, n):
-    keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(key, r), n))(row_ids)
-    return sampling.sample_rows(keys, logits, temperature=temperature, top_k=top_k,
-                                top_p=top_p)
+  params = cast_for_sampling(model, params)
 
   logits, cache = model.apply({"params": params}, None, rows, cache=cache, start=0)
-  first_logits = guide(logits[:, -1], 0)
-  first = draw(first_logits, 0)
+  first_logits = _guide(logits[:, -1], 0, scales, guided_tokens, guided)
+  first = _draw(first_logits, 0, key, row_ids, temperature, top_k, top_p)
 
   def body(carry, n):
-    cache, prev = carry
-    inputs = jnp.concatenate([prev, prev]) if guided else prev
-    logits, cache = model.apply({"params": params}, inputs[:, None], None, cache=cache,
-                                start=n)
-    step_logits = guide(logits[:, -1], n)
-    token = draw(step_logits, n)
+    cache, token, step_logits = decode_token(
+        params, *carry, n, key, row_ids, scales, guided_tokens, temperature, model=model,
+        guided=guided, top_k=top_k, top_p=top_p)
     return (cache, token), (token, step_logits if return_logits else None)
 
   _, (rest, rest_logits) = jax.lax.scan(body, (cache, first), jnp.arange(1, t))
@@ -143,11 +159,23 @@ def generate(model: gpt_lib.GPT, params, labels, key: jax.Array,
   labels = jnp.asarray(labels, jnp.int32)
   if row_ids is None:
     row_ids = jnp.arange(labels.shape[0], dtype=jnp.int32)
+  fn, settings_args = _program(model, settings, return_logits)
+  return fn(params, labels, row_ids, key, *settings_args)
+
+
+def lower(model: gpt_lib.GPT, params, labels, row_ids, key: jax.Array,
+          settings: SamplingSettings = SamplingSettings()) -> jax.stages.Lowered:
+  """The program `generate` runs, lowered for `params`, `labels` and `row_ids` given as
+  arrays or `jax.ShapeDtypeStruct`s with shardings (for ahead-of-time plans)."""
+  fn, settings_args = _program(model, settings, False)
+  return fn.lower(params, labels, row_ids, key, *settings_args)
+
+
+def _program(model, settings: SamplingSettings, return_logits: bool):
   scales, guided_tokens = guidance(settings, model.block_size)
   fn = _compiled(model, settings.guided, int(settings.top_k), float(settings.top_p),
                  return_logits)
-  return fn(params, labels, row_ids, key, jnp.asarray(scales), jnp.asarray(guided_tokens),
-            jnp.float32(settings.temperature))
+  return fn, (jnp.asarray(scales), jnp.asarray(guided_tokens), jnp.float32(settings.temperature))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -199,6 +227,15 @@ def output_size(tok, image_size: int) -> int:
   return 256 if tok.model.image_size == 336 else tok.model.image_size
 
 
+def shardings(devices, batch: int):
+  """(params: replicated, rows: a batch of `batch` rows split over `devices` when they divide
+  it, else replicated) on a 1-D mesh of `devices`."""
+  mesh = jax.sharding.Mesh(np.asarray(devices), ("batch",))
+  split = "batch" if batch % len(devices) == 0 else None
+  return (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+          jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(split)))
+
+
 def generate_all(model, params, labels: np.ndarray, settings, *, seed: int, batch_size: int):
   """Tokens of every label in fixed-size batches (the last one padded).
 
@@ -208,11 +245,8 @@ def generate_all(model, params, labels: np.ndarray, settings, *, seed: int, batc
   key = jax.random.PRNGKey(seed)
   n = len(labels)
   b = min(batch_size, n)
-  devices = jax.devices()
-  mesh = jax.sharding.Mesh(np.asarray(devices), ("batch",))
-  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
-      "batch" if b % len(devices) == 0 else None))
-  params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  param_sharding, rows = shardings(jax.devices(), b)
+  params = jax.device_put(params, param_sharding)
 
   def run(start):
     chunk = np.zeros(b, np.int32)
