@@ -13,6 +13,7 @@ torch uses `set_num_threads(--threads)`.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
@@ -27,6 +28,7 @@ def _parse():
   parser.add_argument("--impl", default="auto", choices=("auto", "packed", "unrolled"),
                       help="lowering of ms_deform_attn")
   parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--json", default="", help="also write the medians here")
   return parser.parse_args()
 
 
@@ -124,6 +126,9 @@ def main():
   print(f"{'':18s}{'jax':>10s}{'torch':>10s}{'torch/jax':>11s}")
   for name, r in results.items():
     print(f"{name:18s}{r['jax']:10.1f}{r['torch']:10.1f}{r['torch'] / r['jax']:10.2f}x")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"repeats": args.repeats, "ms": results}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ compute; FLOPs from the compiled program's cost analysis.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -29,6 +30,7 @@ def _parse():
   parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
   parser.add_argument("--runs", type=int, default=5, help="timed rounds")
   parser.add_argument("--big_batch", type=int, default=64, help="a compute-bound batch")
+  parser.add_argument("--json", default="", help="also write the medians here")
   return parser.parse_args()
 
 
@@ -145,6 +147,15 @@ def main():
     rate = r["flops"] / med[d] / 1e9
     print(f"{d:28s}{med[d]:9.3f}{r['flops'] / 1e9:8.1f}{rate:9.0f}{100 * rate / peak:8.0f}%"
           f"{r['compile']:10.1f}   {[round(x, 3) for x in times[d]]}")
+
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"peak_f32_gflops": peak, "runs": args.runs, "sampling": [
+          {"dtype": d, "batch": b, "cfg": cfg, "median_s": med[(d, b, cfg)],
+           "tokens_per_s": b * 256 / med[(d, b, cfg)], "compile_s": compile_s[(d, b, cfg)]}
+          for (d, b, cfg) in programs], "train_step": {
+              d: {"median_s": med[d], "runs_s": times[d], "gflop": r["flops"] / 1e9,
+                  "compile_s": r["compile"]} for d, r in steps.items()}}, f, indent=1)
 
 
 if __name__ == "__main__":

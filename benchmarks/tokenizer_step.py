@@ -17,6 +17,7 @@ rounds. With two dtypes, a few steps from the same init and batches compare thei
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -34,6 +35,7 @@ def _parse():
                       help="compute dtypes to time (model and VFM; params stay float32)")
   parser.add_argument("--loss_steps", type=int, default=3,
                       help="steps compared between the first two dtypes")
+  parser.add_argument("--json", default="", help="also write the medians here")
   return parser.parse_args()
 
 
@@ -148,6 +150,13 @@ def main():
       print(f"{label:22s}{med[key]:10.3f} {str([round(t, 2) for t in times[key]]):>31s}"
             f"{flops / 1e9:8.0f}{rate:9.0f}{100 * rate / peak32:8.0f}%{100 * rate / peak16:9.0f}%"
             f"{r['compile'][i]:10.1f}")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"peak_f32_gflops": peak32, "peak_bf16_gflops": peak16, "runs": args.runs,
+                 **{f"{d}_{w}": {"median_s": med[f"{d}_{w}"], "runs_s": times[f"{d}_{w}"],
+                                 "gflop": r["flops"][i] / 1e9, "compile_s": r["compile"][i]}
+                    for d, r in runs.items() for i, w in enumerate(("step", "fwd"))}}, f,
+                indent=1)
   names = list(losses)
   for name in names:
     print(f"losses {name}: " + ", ".join(f"{v:.5f}" for v in losses[name]))

@@ -15,6 +15,7 @@ machine's peaks, against which the forward's FLOPs from the cost analysis are se
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import tempfile
@@ -40,6 +41,7 @@ _THREADS = flags.DEFINE_integer("threads", None, "Cores for both frameworks (def
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls first (the first one compiles).")
 _RUNS = flags.DEFINE_integer("runs", 7, "Timed calls; the median is reported.")
 _ATTN = flags.DEFINE_enum("attn", "sdpa", ["sdpa", "eager"], "transformers attention kernel.")
+_JSON = flags.DEFINE_string("json", "", "Also write the medians here.")
 
 
 def _time_interleaved(fns, warmup: int, runs: int) -> list[list[float]]:
@@ -151,6 +153,14 @@ def main(argv):
         f"f32 matmul peak {peak32:.0f} GFLOP/s; bf16 {flops / m_bf16 / 1e6:.0f} GFLOP/s = "
         f"{100 * flops / m_bf16 / 1e6 / peak16:.0f} % of the bf16 peak {peak16:.0f} GFLOP/s "
         f"({n}^3 matmuls timed in the same rounds)")
+
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump({"runs": _RUNS.value, "ours_f32_ms": m_jax, "torch_ms": m_torch,
+                 "ours_bf16_ms": m_bf16, "gflop": flops / 1e9, "peak_f32_gflops": peak32,
+                 "peak_bf16_gflops": peak16, "compile_s": compile_s,
+                 "runs_ms": {"ours_f32": t_jax, "torch": t_torch, "ours_bf16": t_bf16}}, f,
+                indent=1)
 
 
 if __name__ == "__main__":
