@@ -21,6 +21,9 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow comes in with the input pipeline's imports and runs nothing here; without this it
+# announces its oneDNN kernels.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only TPU devices need no accelerator
 # Compiling for a described topology never touches a chip: do not contend for libtpu's lock
 # with a job (or a test) that holds it.

@@ -14,10 +14,14 @@ architecture pages: dense bf16 peak, HBM capacity and bandwidth.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import math
+import os
 import re
+import sys
+import tempfile
 
 from jax.experimental import topologies
 
@@ -98,6 +102,27 @@ def have_libtpu() -> bool:
   return importlib.util.find_spec("libtpu") is not None
 
 
+@contextlib.contextmanager
+def _held_back_c_stderr():
+  """libtpu, started on a host without TPUs, writes warnings (no TPU_ACCELERATOR_TYPE, no
+  worker hostnames) straight to file descriptor 2: noise for a compile-only description. They
+  are held back, and shown only if the description fails."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as held:
+    os.dup2(held.fileno(), 2)
+    try:
+      yield
+    except BaseException:
+      os.dup2(saved, 2)
+      held.seek(0)
+      sys.stderr.write(held.read().decode(errors="replace"))
+      raise
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+
+
 def devices(topo: Topology) -> list:
   """Compile-only devices of `topo` (one per chip), in libtpu's order.
 
@@ -109,10 +134,11 @@ def devices(topo: Topology) -> list:
                         '(or pip install -e ".[tpu]")')
   dims = topo.dims + (1,) * (3 - len(topo.dims))
   hosts = (min(2, dims[0]), min(2, dims[1]), 1)  # chips per host as Cloud TPU VMs group them
-  desc = topologies.get_topology_desc(
-      platform="tpu", topology_name=topo.libtpu_name,
-      chip_config_name="megacore" if topo.chip.megacore else "default",
-      chips_per_host_bounds=hosts, num_slices=1, wrap=_wrap(topo))
+  with _held_back_c_stderr():
+    desc = topologies.get_topology_desc(
+        platform="tpu", topology_name=topo.libtpu_name,
+        chip_config_name="megacore" if topo.chip.megacore else "default",
+        chips_per_host_bounds=hosts, num_slices=1, wrap=_wrap(topo))
   out = list(desc.devices)
   if len(out) != topo.num_chips:
     raise TopologyError(f"libtpu describes {len(out)} devices for {topo.name}, expected "
