@@ -78,9 +78,10 @@ def test_gpt_plan_costs_scale_with_the_layers(v5e_2x2):
   unrolled = copy.deepcopy(_gpt_config())
   unrolled.model.scan_unroll = 3
   flops, nbytes = aot_plan.cost_of(gpt_task.build(unrolled, devices)[1].lower().compile())
-  # XLA fuses a 3-layer body slightly differently from 1 and 2 layers (a few thousand
-  # elementwise FLOPs of 1e8 in this config): relative 1e-4.
-  assert plan.flops == pytest.approx(flops, rel=1e-4)
+  # XLA fuses a 3-layer body slightly differently from 1 and 2 layers, around the activation
+  # resharding too (measured 1.5e4 elementwise FLOPs of 1e8 in this config): relative 5e-4;
+  # counting the loop body once, the error this extrapolation exists for, is off by 1/3.
+  assert plan.flops == pytest.approx(flops, rel=5e-4)
   # Bytes depend on which fusions XLA forms around the loop boundary (each fusion reads its
   # inputs once): the 3-layer program differs from the extrapolation by a few percent.
   assert plan.bytes_accessed == pytest.approx(nbytes, rel=0.05)

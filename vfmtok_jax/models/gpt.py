@@ -33,6 +33,13 @@ Dtype = Any
 Cache = dict
 
 
+def _batch_sharded(x: jax.Array) -> jax.Array:
+  """(B, S, C) activations split over the mesh's batch axes (`act_batch`) under a trainer's
+  mesh and logical rules; a no-op without them (the sampler, tests). Without it XLA followed
+  the `embed`-sharded weights and all-reduced global-batch activations on every chip."""
+  return nn.with_logical_constraint(x, ("act_batch", "act_len", "act_emb"))
+
+
 def find_multiple(n: int, k: int) -> int:
   return n if n % k == 0 else n + k - n % k
 
@@ -92,6 +99,7 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, layer_cache, rope, mask, start):
     b, s, _ = x.shape
+    x = _batch_sharded(x)
     hd = self.dim // self.num_heads
     groups = self.num_heads // self.num_kv_heads
     h = RMSNorm(self.norm_eps, self.dtype, name="attention_norm")(x)
@@ -138,7 +146,7 @@ class Block(nn.Module):
     ffn = _dense(self.dim, ("mlp", "embed"), self.dtype, "w2")(nn.silu(gate) * up)
     x = x + nn.Dropout(self.ffn_dropout)(ffn, deterministic=self.deterministic)
     new_kv = None if layer_cache is None else {"k": k, "v": v}
-    return x, new_kv
+    return _batch_sharded(x), new_kv
 
 
 class GPT(nn.Module):
@@ -247,7 +255,7 @@ class GPT(nn.Module):
                       (self.dim, self.vocab_size), jnp.float32)
     logits = jnp.einsum("bsd,dv->bsv", x.astype(self.dtype), head.astype(self.dtype),
                         preferred_element_type=jnp.float32)
-    return logits, new_cache
+    return _batch_sharded(logits), new_cache
 
 
 def init_cache(model: GPT, batch: int, max_len: int | None = None) -> Cache:

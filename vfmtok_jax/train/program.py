@@ -113,6 +113,9 @@ class _Context:
   def __enter__(self):
     self._stack = contextlib.ExitStack()
     self._stack.enter_context(self._mesh)
+    # Flax's logical constraints look for the abstract mesh (`with mesh:` alone
+    # leaves them silent no-ops).
+    self._stack.enter_context(jax.sharding.use_abstract_mesh(self._mesh.abstract_mesh))
     self._stack.enter_context(nn.logical_axis_rules(self._rules))
     if self._precision is not None:
       self._stack.enter_context(jax.default_matmul_precision(self._precision))
@@ -146,7 +149,7 @@ def make_program(task: task_lib.Task, mesh: Mesh, preset: str, *,
     shd.check_batch(spec.shape[0], mesh)
   batch_shardings = {k: shd.batch_sharding(mesh, v.ndim) for k, v in batch.items()}
 
-  with mesh, nn.logical_axis_rules(rules):
+  with mesh, jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
     boxed_state = jax.eval_shape(task.init_state, jax.random.PRNGKey(0))
   state_shardings = shd.param_shardings(boxed_state, mesh, rules)
   boxed_consts = task.abstract_constants()
