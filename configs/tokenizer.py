@@ -89,8 +89,10 @@ def get_config(arg=None):
 
   # Codebook health (off in the reference). kmeans_init: codebook = spherical k-means of the
   # normalised encoder outputs of the first kmeans_batches batches (kmeans_iters Lloyd steps).
+  # It needs at least codebook_size outputs (refused otherwise, naming the key); batches past
+  # one epoch are other random crops of the same images.
   # restart_window > 0: a code no global batch chose for that many steps is re-seeded from the
-  # batch's encoder outputs + N(0, restart_noise^2) noise.
+  # batch's encoder outputs + N(0, restart_noise^2) noise; 0 turns restarts off.
   c.codebook = dict(kmeans_init=False, kmeans_batches=4, kmeans_iters=10, restart_window=0,
                     restart_noise=0.01)
 

@@ -1,166 +1,124 @@
-"""A PyTorch oracle of pytorch-fid's FID InceptionV3 (torchvision `Inception3` with the FID
-blocks), in torchvision's module names so its `state_dict()` has the released file's keys.
+"""The oracle of our FID Inception: pytorch-fid's own network (`pytorch_fid.inception`), with
+random weights.
 
-Written from the architecture, because pytorch-fid itself needs torchvision, whose PyPI wheels
-link CUDA libraries that the CPU torch build lacks. Input: normalised (B, 3, 299, 299).
-Returns (pool (B, 2048), mixed_6/conv = Mixed_6d.branch1x1 output (B, 192, 17, 17),
-logits without the fc bias (B, 1008)).
+pytorch-fid builds torchvision's `Inception3` and swaps in its `FIDInceptionA/C/E` blocks. Both
+packages live in `.test_oracles/` (`.ci/run` installs them there with `pip install --no-deps
+--target`), not in site-packages: torchvision's PyPI wheel fails beside the CPU torch in its
+package `__init__` (it registers compiled ops), and transformers and kornia import it whenever
+it is installed. `torchvision.models.inception` is plain Python: `_pytorch_fid` imports it under
+empty parent packages, imports pytorch-fid, then takes both back out of `sys.modules` and
+`sys.path`, so nothing else in the test process sees a torchvision.
+
+`random_inception(seed)` returns a `FIDOracle`: pytorch-fid's `InceptionV3` feature extractor
+(the pool features FID uses) over a `fid_inception_v3()` whose weights are random (the URL
+loader is handed them instead of downloading) and whose batch-norm statistics are measured on
+random images, so every layer's activations stay O(1) and the features are not degenerate. Its
+`state_dict()` has the keys of pytorch-fid's released weight file. Input: normalised
+(B, 3, 299, 299). Returns (pool (B, 2048), mixed_6/conv = Mixed_6d.branch1x1 output
+(B, 192, 17, 17), logits without the fc bias (B, 1008)).
 """
 
+import importlib
+import importlib.metadata
+import os
+import sys
+import types
+
 import torch
-import torch.nn.functional as F
 from torch import nn
+import torch.nn.functional as F
+
+ORACLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       ".test_oracles")
+INSTALL = ('pip install --no-deps --target .test_oracles "torchvision==0.28.0" '
+           '"pytorch-fid==0.3.0"')
 
 
-class BasicConv2d(nn.Module):
+def _pytorch_fid():
+  """pytorch-fid's `inception` module, torchvision's `models.inception` under it."""
+  if not os.path.isdir(os.path.join(ORACLES, "pytorch_fid")):
+    raise ImportError(f"pytorch-fid's oracle is not installed: run `{INSTALL}` (.ci/run does)")
+  before = set(sys.modules)
+  sys.path.insert(0, ORACLES)
+  try:
+    root = os.path.join(ORACLES, "torchvision")
+    package = types.ModuleType("torchvision")
+    package.__path__ = [root]
+    package.__version__ = importlib.metadata.version("torchvision")  # found on ORACLES
+    models = types.ModuleType("torchvision.models")
+    models.__path__ = [os.path.join(root, "models")]
+    package.models = models
+    sys.modules["torchvision"], sys.modules["torchvision.models"] = package, models
+    inception = importlib.import_module("torchvision.models.inception")
+    models.inception, models.inception_v3 = inception, inception.inception_v3
+    return importlib.import_module("pytorch_fid.inception")
+  finally:
+    sys.path.remove(ORACLES)
+    for name in set(sys.modules) - before:
+      if name.split(".")[0] in ("torchvision", "pytorch_fid"):
+        del sys.modules[name]
 
-  def __init__(self, cin, cout, **kw):
+
+fid_inception = _pytorch_fid()
+
+
+class FIDOracle(nn.Module):
+  """pytorch-fid's pool-feature extractor `fid` (`InceptionV3`, its own `fid_inception_v3()`
+  inside), plus the Mixed_6d.branch1x1 map (sFID's features) and the no-bias logits (ADM's
+  IS) from `net`, a second `fid_inception_v3()` with the same weights (the extractor drops
+  the fc layer)."""
+
+  def __init__(self, net, fid):
     super().__init__()
-    self.conv = nn.Conv2d(cin, cout, bias=False, **kw)
-    self.bn = nn.BatchNorm2d(cout, eps=0.001)
+    self.net, self.fid = net, fid
+
+  def state_dict(self, *args, **kwargs):  # the released file's keys
+    return self.net.state_dict(*args, **kwargs)
+
+  @property
+  def fc(self):
+    return self.net.fc
 
   def forward(self, x):
-    return F.relu(self.bn(self.conv(x)))
+    seen = {}
+    hook = self.fid.blocks[2][6].branch1x1.register_forward_hook(
+        lambda m, i, o: seen.setdefault("mixed_6_conv", o))
+    try:
+      pool = self.fid(x)[0].flatten(1)
+    finally:
+      hook.remove()
+    return pool, seen["mixed_6_conv"], pool @ self.net.fc.weight.T
 
 
-def _avg(x):
-  return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+def _built(state) -> FIDOracle:
+  """pytorch-fid's networks loading `state` where they would download the released file."""
+  original = fid_inception.load_state_dict_from_url
+  fid_inception.load_state_dict_from_url = lambda *a, **k: state
+  try:
+    return FIDOracle(fid_inception.fid_inception_v3(), fid_inception.InceptionV3(
+        [fid_inception.InceptionV3.DEFAULT_BLOCK_INDEX], resize_input=False,
+        normalize_input=False)).eval()
+  finally:
+    fid_inception.load_state_dict_from_url = original
 
 
-class A(nn.Module):
-
-  def __init__(self, cin, pool):
-    super().__init__()
-    self.branch1x1 = BasicConv2d(cin, 64, kernel_size=1)
-    self.branch5x5_1 = BasicConv2d(cin, 48, kernel_size=1)
-    self.branch5x5_2 = BasicConv2d(48, 64, kernel_size=5, padding=2)
-    self.branch3x3dbl_1 = BasicConv2d(cin, 64, kernel_size=1)
-    self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
-    self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, padding=1)
-    self.branch_pool = BasicConv2d(cin, pool, kernel_size=1)
-
-  def forward(self, x):
-    return torch.cat([
-        self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
-        self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-        self.branch_pool(_avg(x))], 1)
+def _untrained():
+  """pytorch-fid's `fid_inception_v3()` as built, before its weights would be loaded."""
+  real = nn.Module.load_state_dict
+  nn.Module.load_state_dict = lambda self, *a, **k: None  # where it loads the download
+  original = fid_inception.load_state_dict_from_url
+  fid_inception.load_state_dict_from_url = lambda *a, **k: None
+  try:
+    return fid_inception.fid_inception_v3()
+  finally:
+    nn.Module.load_state_dict = real
+    fid_inception.load_state_dict_from_url = original
 
 
-class B(nn.Module):
-
-  def __init__(self, cin):
-    super().__init__()
-    self.branch3x3 = BasicConv2d(cin, 384, kernel_size=3, stride=2)
-    self.branch3x3dbl_1 = BasicConv2d(cin, 64, kernel_size=1)
-    self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
-    self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
-
-  def forward(self, x):
-    return torch.cat([
-        self.branch3x3(x), self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-        F.max_pool2d(x, 3, stride=2)], 1)
-
-
-class C(nn.Module):
-
-  def __init__(self, cin, c7):
-    super().__init__()
-    self.branch1x1 = BasicConv2d(cin, 192, kernel_size=1)
-    self.branch7x7_1 = BasicConv2d(cin, c7, kernel_size=1)
-    self.branch7x7_2 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
-    self.branch7x7_3 = BasicConv2d(c7, 192, kernel_size=(7, 1), padding=(3, 0))
-    self.branch7x7dbl_1 = BasicConv2d(cin, c7, kernel_size=1)
-    self.branch7x7dbl_2 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
-    self.branch7x7dbl_3 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
-    self.branch7x7dbl_4 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
-    self.branch7x7dbl_5 = BasicConv2d(c7, 192, kernel_size=(1, 7), padding=(0, 3))
-    self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
-    self.b1 = None
-
-  def forward(self, x):
-    self.b1 = self.branch1x1(x)
-    b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-    bd = x
-    for i in range(1, 6):
-      bd = getattr(self, f"branch7x7dbl_{i}")(bd)
-    return torch.cat([self.b1, b7, bd, self.branch_pool(_avg(x))], 1)
-
-
-class D(nn.Module):
-
-  def __init__(self, cin):
-    super().__init__()
-    self.branch3x3_1 = BasicConv2d(cin, 192, kernel_size=1)
-    self.branch3x3_2 = BasicConv2d(192, 320, kernel_size=3, stride=2)
-    self.branch7x7x3_1 = BasicConv2d(cin, 192, kernel_size=1)
-    self.branch7x7x3_2 = BasicConv2d(192, 192, kernel_size=(1, 7), padding=(0, 3))
-    self.branch7x7x3_3 = BasicConv2d(192, 192, kernel_size=(7, 1), padding=(3, 0))
-    self.branch7x7x3_4 = BasicConv2d(192, 192, kernel_size=3, stride=2)
-
-  def forward(self, x):
-    b7 = x
-    for i in range(1, 5):
-      b7 = getattr(self, f"branch7x7x3_{i}")(b7)
-    return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7,
-                      F.max_pool2d(x, 3, stride=2)], 1)
-
-
-class E(nn.Module):
-
-  def __init__(self, cin, max_pool):
-    super().__init__()
-    self.max_pool = max_pool
-    self.branch1x1 = BasicConv2d(cin, 320, kernel_size=1)
-    self.branch3x3_1 = BasicConv2d(cin, 384, kernel_size=1)
-    self.branch3x3_2a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
-    self.branch3x3_2b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
-    self.branch3x3dbl_1 = BasicConv2d(cin, 448, kernel_size=1)
-    self.branch3x3dbl_2 = BasicConv2d(448, 384, kernel_size=3, padding=1)
-    self.branch3x3dbl_3a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
-    self.branch3x3dbl_3b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
-    self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
-
-  def forward(self, x):
-    b3 = self.branch3x3_1(x)
-    b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
-    bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-    bd = torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], 1)
-    pooled = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else _avg(x)
-    return torch.cat([self.branch1x1(x), b3, bd, self.branch_pool(pooled)], 1)
-
-
-class FIDInception(nn.Module):
-
-  def __init__(self):
-    super().__init__()
-    self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
-    self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
-    self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
-    self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
-    self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
-    self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = A(192, 32), A(256, 64), A(288, 64)
-    self.Mixed_6a = B(288)
-    self.Mixed_6b, self.Mixed_6c = C(768, 128), C(768, 160)
-    self.Mixed_6d, self.Mixed_6e = C(768, 160), C(768, 192)
-    self.Mixed_7a = D(768)
-    self.Mixed_7b, self.Mixed_7c = E(1280, False), E(2048, True)
-    self.fc = nn.Linear(2048, 1008)
-
-  def forward(self, x):
-    x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
-    x = F.max_pool2d(x, 3, stride=2)
-    x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
-    x = F.max_pool2d(x, 3, stride=2)
-    for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
-      x = getattr(self, f"Mixed_{name}")(x)
-    pool = x.mean((2, 3))
-    return pool, self.Mixed_6d.b1, pool @ self.fc.weight.T
-
-
-def random_inception(seed: int = 0) -> FIDInception:
-  """The oracle with random weights and batch-norm statistics that keep activations O(1)."""
+def random_inception(seed: int = 0) -> FIDOracle:
+  """pytorch-fid's network with random weights and data-dependent batch-norm statistics."""
   torch.manual_seed(seed)
-  net = FIDInception().eval()
+  net = _untrained()
   with torch.no_grad():
     for m in net.modules():
       if isinstance(m, nn.Conv2d):
@@ -169,8 +127,15 @@ def random_inception(seed: int = 0) -> FIDInception:
       elif isinstance(m, nn.BatchNorm2d):
         m.weight.uniform_(0.5, 1.5)
         m.bias.uniform_(-0.2, 0.2)
-        m.running_mean.uniform_(-0.2, 0.2)
-        m.running_var.uniform_(0.5, 1.5)
+        m.momentum = None  # running statistics = the average over the calibration batch
+        m.reset_running_stats()
     net.fc.weight.normal_(0, 0.05)
     net.fc.bias.normal_(0, 1.0)
-  return net
+    net.train()
+    # Batch-norm statistics of pixel noise and of smooth images (noise upsampled from 8 x 8
+    # and 32 x 32, like small images the tests resize to 299).
+    smooth = [F.interpolate(torch.rand(2, 3, n, n) * 2 - 1, size=(299, 299), mode="bilinear")
+              for n in (8, 32)]
+    net(torch.cat([torch.rand(4, 3, 299, 299) * 2 - 1, *smooth]))
+  state = {k: v.clone() for k, v in net.state_dict().items()}
+  return _built(state)

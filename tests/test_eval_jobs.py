@@ -9,8 +9,10 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from sklearn import linear_model
 from skimage import metrics as skm
 
 from configs import eval_generator as gen_configs
@@ -23,6 +25,7 @@ from vfmtok_jax.data import images as image_io
 from vfmtok_jax.data import input_pipeline
 from vfmtok_jax.evaluators import adm
 from vfmtok_jax.evaluators import batches
+from vfmtok_jax.evaluators import linear_probe
 from vfmtok_jax.evaluators import suite
 from vfmtok_jax.evaluators import vfm_features
 from vfmtok_jax.losses import lpips as lpips_lib
@@ -101,6 +104,40 @@ def _run(tok, scorers, devices, batch_size, monkeypatch):
   results, why, grid = tokenizer_eval.evaluate(tok, batches, scorers, mesh=mesh,
                                                eval_size=EVAL_SIZE, log=lambda _: None)
   return results, why, grid, calls, seen and seen.scored()
+
+
+class _Unmasked:
+  """Eval batches with every row marked real: the padding rows are scored too."""
+
+  def __init__(self, batches):
+    self._batches = batches
+
+  def __len__(self):
+    return len(self._batches)
+
+  def __iter__(self):
+    for batch in self._batches:
+      yield dict(batch, _mask=jnp.ones_like(batch["_mask"]))
+
+
+def test_eval_without_its_mask_fails_the_protocol_check(golden_tokenizer):
+  """The 1-vs-8-device check below can fail: the same job with the padding rows unmasked (24
+  images in batches of 16 on 8 devices: 8 padding rows) scores 32 images, and its PSNR is no
+  longer the reference protocol's on the 24 crops."""
+  _, tok = golden_tokenizer
+  none = tokenizer_eval.Scorers(why_missing={"inception": "-", "lpips": "-", "fd": "-"})
+  cfg = eval_configs.get_config("demo")
+  input_cfg = input_pipeline.default_input_config(**cfg.input.to_dict())
+  input_cfg.image_size = tok.model.image_size
+  mesh = shd.make_mesh({"data": -1})
+  runs = {}
+  for name, wrap in (("masked", lambda b: b), ("unmasked", _Unmasked)):
+    batches = input_pipeline.make_eval_batches(input_cfg, global_batch_size=16,
+                                               sharding=shd.batch_sharding(mesh, 4))
+    runs[name], _, _ = tokenizer_eval.evaluate(tok, wrap(batches), none, mesh=mesh,
+                                               eval_size=EVAL_SIZE, log=lambda _: None)
+  assert runs["masked"]["num_examples"] == 24 and runs["unmasked"]["num_examples"] == 32
+  assert abs(runs["unmasked"]["psnr"] - runs["masked"]["psnr"]) > 1e-3
 
 
 def _reference_protocol(rec, gt):
@@ -267,6 +304,14 @@ def test_generator_eval_is_sampling_then_the_adm_suite(golden_gpt, golden_tokeni
   assert not why
   for k, v in want.items():
     np.testing.assert_allclose(results[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+  # On one device (13 samples in batches of 8, padded to 8 rows there, to 8 x 1 rows here):
+  # the same samples (each row's randomness is keyed by its index), so the same numbers.
+  one = generator_eval.run(model, params, tok, cfg, str(tmp_path / "eval1"),
+                           extract=_small_inception, log=lambda _: None,
+                           devices=jax.devices()[:1])
+  with np.load(tmp_path / "eval1" / "samples.npz") as f:
+    np.testing.assert_array_equal(f["arr_0"], scored)
+  assert one == results
   record = json.load(open(tmp_path / "eval" / "results.json"))
   assert record["sampling"]["cfg_scale"] == 2.0 and record["sampling"]["top_k"] == 20
   assert record["results"]["num_samples"] == 13 and (tmp_path / "eval" / "samples.png").exists()
@@ -277,7 +322,7 @@ def test_generator_eval_is_sampling_then_the_adm_suite(golden_gpt, golden_tokeni
   assert not (tmp_path / "x").exists()
 
 
-def test_demo_scoring_reports_every_number(golden_gpt, golden_tokenizer):
+def test_demo_scoring_reports_every_number(golden_gpt, golden_tokenizer, monkeypatch):
   """The demo's scoring end to end on the golden pair (a GPT widened to the 12 photo classes)."""
   _, model, params = golden_gpt
   _, tok = golden_tokenizer
@@ -285,13 +330,29 @@ def test_demo_scoring_reports_every_number(golden_gpt, golden_tokenizer):
   wider = np.concatenate([table[:10], table[:2] * -1.0, table[10:]])  # 12 classes + null
   params = dict(params, cls_embedding={"embedding": wider})
   model = model.clone(num_classes=12)
+  scored, real_accuracy = [], linear_probe.accuracy
+
+  def recorded(probe, feats, labels):
+    scored.append((probe, np.array(feats), np.array(labels)))
+    return real_accuracy(probe, feats, labels)
+  monkeypatch.setattr(linear_probe, "accuracy", recorded)
   scores = demo_scoring.score(tok, model, params, scales=(1.0, 2.0), samples_per_class=2,
                               real_per_photo=4, recon_per_photo=1, batch_size=16,
                               log=lambda _: None)
   assert scores["tokenizer"]["num_examples"] == 12
   assert set(scores["samples"]) == {"1", "2"}
-  for row in scores["samples"].values():
-    assert row["num_samples"] == 24 and 0.0 <= row["class_top1"] <= 1.0
+  # Class consistency: each scale's two probes scored on the samples against the classes they
+  # were drawn for (2 per class, in class order), the top-1 recomputed here from the probes'
+  # logits; the probes' own accuracies on held-out crops come first (4 calls).
+  intended = np.repeat(np.arange(12), 2)
+  sample_calls = scored[4:]
+  assert len(sample_calls) == 4
+  for i, row in enumerate(scores["samples"].values()):
+    assert row["num_samples"] == 24
+    for key, (probe, feats, labels) in zip(("class_top1", "class_top1_decoded"),
+                                           sample_calls[2 * i:2 * i + 2]):
+      np.testing.assert_array_equal(labels, intended)
+      assert row[key] == np.mean(np.argmax(probe.logits(feats), -1) == intended), key
     assert np.isfinite(row["fd_vfm"]) and np.isfinite(row["fd_vfm_per_class"])
   assert scores["probe"]["train_examples"] == 48 and scores["probe"]["chance"] == 1 / 12
   table_text = demo_scoring.markdown(scores)
@@ -344,7 +405,23 @@ def test_linear_probe_job_reads_the_tokens_it_says(golden_tokenizer):
   record = probe_job.run(tok, cfg, log=lambda _: None)
   assert record["train_examples"] == 48 and record["eval_examples"] == 24
   assert record["dim"] == tok.model.dim and record["chance"] == 1 / 12
-  assert record["train_top1"] >= 0.9 and 0.0 <= record["top1"] <= 1.0  # 48 points, 12 classes
+  # The held-out top-1 against scikit-learn's LogisticRegression (the same objective with
+  # C = 1 / (l2 N)) on the features the job extracts, standardised as the probe does: the two
+  # solvers' weights agree to ~1e-5, so at most a point on a decision boundary may differ.
+  mesh = shd.make_mesh({"data": -1})
+  sets = {}
+  for name in ("train", "eval"):
+    input_cfg = input_pipeline.default_input_config(**cfg[f"{name}_input"].to_dict())
+    input_cfg.image_size = tok.model.image_size
+    sets[name] = probe_job.extract(tok, input_pipeline.make_eval_batches(
+        input_cfg, global_batch_size=16, sharding=shd.batch_sharding(mesh, 4)),
+        which="slots", pool="mean", mesh=mesh, log=lambda _: None)
+  (x, y), (xe, ye) = sets["train"], sets["eval"]
+  mean, scale = x.mean(0), np.where(x.std(0) > 0, x.std(0), 1.0)
+  ref = linear_model.LogisticRegression(C=1.0 / (cfg.l2 * len(y)), tol=1e-10,
+                                        max_iter=10000).fit((x - mean) / scale, y)
+  assert abs(record["top1"] - ref.score((xe - mean) / scale, ye)) <= 1 / 24 + 1e-9
+  assert abs(record["train_top1"] - ref.score((x - mean) / scale, y)) <= 1 / 48 + 1e-9
   # The features are the region tokens of the centre-crop pipeline, mean-pooled, per image.
   mesh = shd.make_mesh({"data": -1})
   input_cfg = input_pipeline.default_input_config(**cfg.eval_input.to_dict())

@@ -2,6 +2,7 @@
 TensorFlow; the ADM metrics against independent numpy/scipy computations; batch files; the
 `evaluate` command line."""
 
+import copy
 import json
 import os
 import pathlib
@@ -11,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from scipy import linalg
 from scipy import special
 from scipy import stats as scipy_stats
 
@@ -38,19 +40,29 @@ def _close(got, want):
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * scale)
 
 
-def test_inception_matches_the_pytorch_fid_layout_oracle(oracle):
+def test_inception_matches_pytorch_fids_own_network(oracle):
+  """Our Inception (f32) against pytorch-fid's `InceptionV3` itself run in float64 (random
+  weights, batch-norm statistics measured on images): pool features, sFID's map and the no-bias
+  logits."""
   net, _, extract = oracle
   images = np.random.default_rng(0).integers(0, 256, (3, 299, 299, 3), dtype=np.uint8)
   got = extract(images)
-  x = (images.astype(np.float32) - 128) / 128
+  x = (images.astype(np.float64) - 128) / 128
   with torch.no_grad():
-    pool, mixed_6_conv, logits = net(torch.from_numpy(x.transpose(0, 3, 1, 2)))
-  _close(got["pool"], pool.numpy())
+    pool, mixed_6_conv, logits = copy.deepcopy(net).double()(
+        torch.from_numpy(x.transpose(0, 3, 1, 2)))
+  # pytorch-fid's own f32 forward sits 8.9e-5 (pool) and 4.0e-5 (logits) of their scale from
+  # this float64 one (measured: batch norm with measured statistics subtracts means, so f32
+  # rounding is amplified); ours 7.0e-5 and 3.8e-5. A wrong padding, pool or branch moves
+  # them by more than 1e-2 of their scale.
+  close = lambda a, b: np.testing.assert_allclose(  # noqa: E731
+      a, b, rtol=0, atol=2e-4 * float(np.abs(b).max()))
+  close(got["pool"], pool.numpy())
   spatial = mixed_6_conv.numpy()[:, :7].transpose(0, 2, 3, 1).reshape(3, -1)  # HWC order
   assert got["spatial"].shape == (3, 2023)
-  _close(got["spatial"], spatial)
-  _close(got["logits"], logits.numpy())  # no fc bias (ADM's IS)
-  assert np.abs(got["logits"] - (logits.numpy() + net.fc.bias.detach().numpy())).max() > 0.1
+  close(got["spatial"], spatial)
+  close(got["logits"], logits.numpy())  # no fc bias (ADM's IS)
+  assert np.abs(got["logits"] - (logits.numpy() + net.fc.bias.detach().double().numpy())).max() > 0.1
 
 
 def test_padding_rows_do_not_leak_into_features(oracle):
@@ -66,7 +78,7 @@ def test_padding_rows_do_not_leak_into_features(oracle):
 
 @pytest.mark.parametrize("hw", [(32, 48), (400, 350), (299, 299)])
 def test_resize_is_tensorflows_legacy_bilinear(hw):
-  tf = pytest.importorskip("tensorflow")
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (a dependency: never skipped)
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   images = np.random.default_rng(hw[0]).integers(0, 256, (2, *hw, 3), dtype=np.uint8)
   want = tf.compat.v1.image.resize_bilinear(images.astype(np.float32), (299, 299),
@@ -113,6 +125,35 @@ def test_frechet_distance_matches_the_eigenvalue_formula():
   few = _gaussians(2, 10, 32)
   s = adm.statistics(few)
   assert abs(adm.frechet_distance(s, s)) < 1e-6 * np.trace(s.sigma)
+
+
+def test_singular_covariance_product_takes_the_eps_offset(monkeypatch):
+  """3 and 2 samples in 5 dimensions: a singular S1 S2. Where sqrtm(S1 S2) is not finite (older
+  scipy on such products, pytorch-fid's reason for the branch; scipy 1.17 fails on them only
+  by rounding accident, machine-dependent), ADM adds eps to both diagonals for the
+  square-root term only. sqrtm is made to fail on the plain product, as older scipy did, so
+  the branch runs on every machine; the result must be the offset formula's."""
+  rng = np.random.default_rng(0)
+  a, b = rng.normal(size=(3, 5)), rng.normal(size=(2, 5))
+  sa, sb = adm.statistics(a), adm.statistics(b)
+  assert np.linalg.matrix_rank(sa.sigma.dot(sb.sigma)) < 5
+  real_sqrtm, calls = linalg.sqrtm, []
+
+  def failing_on_the_plain_product(m):
+    calls.append(m)
+    return np.full_like(m, np.inf) if len(calls) == 1 else real_sqrtm(m)
+
+  monkeypatch.setattr(adm.linalg, "sqrtm", failing_on_the_plain_product)
+  with pytest.warns(UserWarning, match="singular; adding 1e-06"):
+    got = adm.frechet_distance(sa, sb)
+  offset = np.eye(5) * adm.FID_EPS
+  np.testing.assert_array_equal(calls[1], (sa.sigma + offset).dot(sb.sigma + offset))
+  eig = np.linalg.eigvals((sa.sigma + offset) @ (sb.sigma + offset)).real.clip(0)
+  want = (np.sum((sa.mu - sb.mu) ** 2) + np.trace(sa.sigma) + np.trace(sb.sigma)
+          - 2 * np.sqrt(eig).sum())
+  # float64 both sides, sqrtm vs eigenvalues of a product with eigenvalues down to 1e-12:
+  # ~1e-9 absolute.
+  np.testing.assert_allclose(got, want, rtol=1e-7, atol=1e-8)
 
 
 def test_inception_score_matches_scipy():

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import pathlib
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from configs import gpt as gpt_configs
 from tests import equivalence
 from tests.test_codes import _write_folder
 from vfmtok_jax import gpt_io
+from vfmtok_jax import tokenizer_io
 from vfmtok_jax.data import codes as codes_lib
 from vfmtok_jax.tasks import gpt as gpt_task
 from vfmtok_jax.tasks import sampler
@@ -161,6 +163,21 @@ def test_mismatched_codes_are_refused(codes_dir):
     task._splits()  # pylint: disable=protected-access
 
 
+@pytest.mark.parametrize("key,value,message", [
+    ("optim.lr", -1.0, "optim.lr=-1.0: the learning rate must be in (0, inf)"),
+    ("optim.warmup_steps", -5, "optim.warmup_steps=-5: expected an integer >= 0"),
+    ("optim.weight_decay", -0.1, "optim.weight_decay=-0.1: weight decay must be in [0, inf)"),
+    ("optim.grad_clip", -1.0, "optim.grad_clip=-1.0: the gradient-norm clip (0: off) must be"),
+    ("optim.b1", 1.0, "optim.b1=1.0: Adam's decay rate must be in [0, 1)"),
+    ("ema_decay", 1.01, "ema_decay=1.01: the EMA decay must be in [0, 1]"),
+    ("batch_size", 0, "batch_size=0: expected an integer >= 1"),
+    ("total_steps", 0, "total_steps=0: expected an integer >= 1"),
+])
+def test_settings_that_make_no_sense_are_refused(codes_dir, key, value, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    gpt_task.from_config(tiny_config(codes_dir, **{key: value}))
+
+
 class _PoisonedTask(gpt_task.GPTTask):
   """Test hook: a batch whose first label is -1 runs the real step on NaN params."""
 
@@ -252,6 +269,8 @@ def test_sigkill_during_save_resumes_from_last_complete(codes_dir, tmp_path):
   out = rerun.stdout + rerun.stderr
   assert rerun.returncode == 0, out[-3000:]
   assert "step 3/6" in out and "step 2/6" not in out, out[-3000:]
+  assert f"resuming from step 2 of {ckpt_dir}" in rerun.stdout, rerun.stdout[-3000:]
+  assert "CheckpointManager" not in out and "_NonBlockingMetadataStore" not in out  # Orbax INFO
   with ckpt_lib.Checkpointer(str(ckpt_dir), save_every=1) as ckpt:
     assert ckpt.latest_step() == 6
 
@@ -268,8 +287,48 @@ def test_mismatched_checkpoint_fails_before_writing(codes_dir, tmp_path):
                                        "--config.model.dim=64"),
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
   out = second.stdout + second.stderr
-  assert second.returncode != 0
-  assert "CheckpointMismatchError" in out, out[-3000:]
+  assert second.returncode == 1
+  assert "Traceback" not in out and second.stderr.strip().splitlines()[-1].startswith(
+      "error: "), out[-3000:]
   assert "stored shape" in out and "requested" in out, out[-3000:]
   assert "Event loop is closed" not in out and "Exception ignored" not in out, out[-3000:]
   assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_a_users_mistake_ends_with_one_line(codes_dir, tmp_path):
+  """Bad settings and a missing codes folder: exit status 1, the message as the last line of
+  stderr, no traceback (`--verbosity=1` shows it), nothing written."""
+  for flags, message in [(["--config.optim.lr=-1"], "error: optim.lr=-1.0: the learning rate"),
+                         (["--config.data.codes="], "error: data.codes is not set")]:
+    run = subprocess.run(_gpt_command(codes_dir, tmp_path / "run", *flags), cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert run.stderr.strip().splitlines()[-1].startswith(message), run.stderr[-3000:]
+    assert "Traceback" not in run.stderr and not (tmp_path / "run").exists()
+  verbose = subprocess.run(_gpt_command(codes_dir, tmp_path / "run", "--config.optim.lr=-1",
+                                        "--verbosity=1"),
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert verbose.returncode == 1 and "Traceback" in verbose.stderr, verbose.stderr[-3000:]
+
+
+def test_sample_grids_decode_with_the_tokenizer_that_made_the_codes(golden_tokenizer, tmp_path):
+  """`tokenizer` (sample grids) must be the one the codes folder records, by its codebook's
+  fingerprint: one with the same sizes but another codebook is refused."""
+  tok_path, tok = golden_tokenizer
+  k, t = tok.model.codebook_size, tok.model.num_queries
+  labels = np.arange(8) % CLASSES
+  codes = np.random.default_rng(0).integers(0, k, (8, 1, t))
+  for name, fingerprint in [("same", tokenizer_io.fingerprint(tok)), ("other", "0" * 16)]:
+    folder = tmp_path / name
+    _write_folder(folder, labels, codes, [8])
+    info = json.load(open(folder / "codes.json"))
+    info.update(codebook_size=k, tokenizer={"path": "/somewhere/tok", "fingerprint": fingerprint})
+    json.dump(info, open(folder / "codes.json", "w"))
+    config = tiny_config(str(folder), tokenizer=tok_path, **{
+        "model.vocab_size": k, "model.block_size": t, "data.held_out": 0})
+    if name == "same":
+      gpt_task.from_config(config)
+    else:
+      with pytest.raises(ValueError, match=f"tokenizer {tok_path} did not make the codes in "
+                         f"{folder}.*/somewhere/tok, codebook fingerprint 0000"):
+        gpt_task.from_config(config)

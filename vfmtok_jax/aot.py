@@ -37,6 +37,7 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
+from vfmtok_jax import cli_setup
 from vfmtok_jax import tpu_topology
 from vfmtok_jax.tasks import aot_plan
 
@@ -112,4 +113,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "topology"])
-  app.run(main)
+  cli_setup.run(main)

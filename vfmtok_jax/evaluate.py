@@ -16,11 +16,13 @@ import json
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # TF (tfds, TensorBoard) quiet at import
 
 # pylint: disable=wrong-import-position
 
 from absl import app
 from absl import flags
+from vfmtok_jax import cli_setup
 from vfmtok_jax import compilation_cache
 from vfmtok_jax.evaluators import inception
 from vfmtok_jax.evaluators import suite
@@ -69,4 +71,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli_setup.run(main)

@@ -27,12 +27,12 @@ import sys
 import time
 from typing import Callable, Sequence
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vfmtok_jax import cli_setup
 from vfmtok_jax import vfm_zoo
 from vfmtok_jax.data import demo_photos
 from vfmtok_jax.data import images as image_io
@@ -267,4 +267,4 @@ def main(argv: Sequence[str]) -> int:
 
 if __name__ == "__main__":
   define_flags(flags.FLAGS)
-  app.run(main)
+  cli_setup.run(main)

@@ -15,10 +15,10 @@ import json
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # TF (tfds, TensorBoard) quiet at import
 
 # pylint: disable=wrong-import-position
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
@@ -46,4 +46,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "tokenizer"])
-  app.run(main)
+  cli_setup.run(main)

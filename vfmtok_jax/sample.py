@@ -20,10 +20,10 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # TF (tfds, TensorBoard) quiet at import
 
 # pylint: disable=wrong-import-position
 
-from absl import app
 from absl import flags
 import jax
 import numpy as np
@@ -97,4 +97,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["gpt", "out"])
-  app.run(main)
+  cli_setup.run(main)

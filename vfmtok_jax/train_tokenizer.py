@@ -16,10 +16,10 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before anything imports TensorFlow
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # TF (tfds, TensorBoard) quiet at import
 
 # pylint: disable=wrong-import-position
 
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
@@ -42,4 +42,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli_setup.run(main)

@@ -34,6 +34,7 @@ import jax
 import numpy as np
 from ml_collections import config_flags
 
+from vfmtok_jax import cli_setup
 from vfmtok_jax import gpt_io
 from vfmtok_jax import tokenizer_io
 from vfmtok_jax import vfm_zoo
@@ -143,4 +144,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_config_flag(sys.argv)
-  app.run(main)
+  cli_setup.run(main)

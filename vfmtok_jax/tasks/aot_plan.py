@@ -341,6 +341,7 @@ def decode_plan(config, topo: tpu_topology.Topology, devices: Sequence, *, batch
   replicated, rows split over the chips). Memory: the whole program; cost: one token."""
   model = gpt_io.model_from_config(config.model)
   settings = sampler.SamplingSettings(cfg_scale=cfg_scale)
+  batch = sampler.padded_batch(batch, batch, len(devices))   # as generate_all pads it
   param_sharding, rows_sharding = sampler.shardings(devices, batch)
   params = _abstract_sampling_params(model, param_sharding)
   # generate() takes the f32 params and casts inside; its argument bytes are the f32 weights.

@@ -148,7 +148,10 @@ def markdown(scores: dict) -> str:
       f"{100 * p['decoded_probe_on_real']:.1f} % on real.", "",
       "| samples | class top-1, real-crop probe | class top-1, reconstruction probe | "
       "FD-VFM vs real crops | FD-VFM vs reconstructions | mean per-class FD-VFM |",
-      "|---|---|---|---|---|---|"]
+      "|---|---|---|---|---|---|",
+      f"| ceiling: reconstructions of {p['test_examples']} held-out real crops | "
+      f"{100 * p['real_probe_on_decoded']:.1f} % | {100 * p['decoded_probe_on_decoded']:.1f} % "
+      "| - | - | - |"]
   for scale, row in scores["samples"].items():
     name = "CFG-free (1.0)" if float(scale) <= 1.0 else f"CFG {scale}"
     lines.append(f"| {name}, {row['num_samples']} | {100 * row['class_top1']:.1f} % | "

@@ -50,10 +50,12 @@ def own_features(images: np.ndarray, extract, chunk: int) -> dict[str, np.ndarra
 
 
 def sample_images(model, params, tok, labels: np.ndarray, settings, *, seed: int,
-                  batch_size: int, image_size: int, log: Callable[[str], None] = print):
-  """(this process' uint8 images, their labels, throughput record) of all `labels`' samples."""
+                  batch_size: int, image_size: int, log: Callable[[str], None] = print,
+                  devices=None):
+  """(this process' uint8 images, their labels, throughput record) of all `labels`' samples,
+  the rows split over `devices` (default: all)."""
   tokens, compile_s, sample_s, rows = sampler.generate_all(
-      model, params, labels, settings, seed=seed, batch_size=batch_size)
+      model, params, labels, settings, seed=seed, batch_size=batch_size, devices=devices)
   tps = rows * model.block_size / sample_s
   log(f"sampled {len(labels)} x {model.block_size} tokens: {tps:,.0f} tokens/s after "
       f"compilation ({compile_s:.1f} s compile + first batch)")
@@ -64,12 +66,13 @@ def sample_images(model, params, tok, labels: np.ndarray, settings, *, seed: int
 
 
 def run(model, params, tok, cfg, workdir: str, *, gpt_path: str = "",
-        tok_path: str = "", extract=None, log: Callable[[str], None] = print) -> dict:
+        tok_path: str = "", extract=None, log: Callable[[str], None] = print,
+        devices=None) -> dict:
   """Samples, scores against `cfg.ref_batch`, writes workdir/{results.json, metrics.jsonl,
   tensorboard/, samples.png[, samples.npz]}; returns the results (same on every process).
 
   `extract`: Inception features (uint8 -> {"pool", "spatial", "logits"}); default: loaded as
-  `cfg.inception` says.
+  `cfg.inception` says. `devices`: those sampling splits its rows over (default: all).
   """
   if not cfg.ref_batch:
     raise ValueError("set --config.ref_batch to an ADM reference batch (.npz), e.g. "
@@ -87,7 +90,8 @@ def run(model, params, tok, cfg, workdir: str, *, gpt_path: str = "",
   settings = settings_from_config(cfg)
   images, own_labels, speed = sample_images(model, params, tok, labels, settings, seed=cfg.seed,
                                             batch_size=cfg.batch_size,
-                                            image_size=cfg.image_size, log=log)
+                                            image_size=cfg.image_size, log=log,
+                                            devices=devices)
   chunk = cfg.batch_size
   sample_feats = own_features(images, extract, chunk)
   ref = suite.side_of_file(cfg.ref_batch, extract, chunk)

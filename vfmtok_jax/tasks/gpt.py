@@ -36,6 +36,7 @@ from vfmtok_jax.tasks import sampler
 from vfmtok_jax.train import loop
 from vfmtok_jax.train import optim
 from vfmtok_jax.train import program as program_lib
+from vfmtok_jax.train import settings_check
 from vfmtok_jax.train import state as state_lib
 from vfmtok_jax.train import task as task_lib
 
@@ -149,12 +150,23 @@ class GPTTask(task_lib.Task):
                                  + "; ".join(problems))
 
   def _check_tokenizer(self) -> None:
+    """The tokenizer that decodes sample grids: the GPT's sizes and, with a codes folder, the
+    very tokenizer that made the codes (its codebook's fingerprint, which the folder records)."""
     tok = self.tokenizer
     if tok.model.codebook_size != self.model.vocab_size or \
        tok.model.num_queries != self.model.block_size:
       raise ValueError(f"tokenizer {self.tokenizer_path}: codebook {tok.model.codebook_size}, "
                        f"{tok.model.num_queries} tokens; the GPT has vocab "
                        f"{self.model.vocab_size}, {self.model.block_size} tokens")
+    if self.data.codes:
+      made_by = self.dataset.info.tokenizer or {}
+      recorded = made_by.get("fingerprint")
+      if recorded and tokenizer_io.fingerprint(tok) != recorded:
+        raise ValueError(
+            f"tokenizer {self.tokenizer_path} did not make the codes in {self.data.codes} "
+            f"(they record {made_by.get('path', '?')}, codebook fingerprint {recorded}; this "
+            f"one's is {tokenizer_io.fingerprint(tok)}): its sample grids would decode the "
+            "codes with another codebook")
 
   @property
   def tokenizer(self):
@@ -334,6 +346,7 @@ def _global(x: np.ndarray, program) -> jax.Array:
 # ------------------------------------------------------------------------------------------------
 
 def from_config(config) -> GPTTask:
+  settings_check.check_training_config(config)
   model = gpt_io.model_from_config(config.model)
   o = config.optim
   lr_fn = optim.schedule(lr=o.lr, warmup_steps=o.warmup_steps, total_steps=config.total_steps,
@@ -365,5 +378,6 @@ def build(config, devices=None, task: GPTTask | None = None):
 def train(config, workdir: str, devices=None, task: GPTTask | None = None) -> dict[str, Any]:
   """Trains (resuming from `workdir`); returns the final metrics."""
   task, program = build(config, devices, task)
+  task.dataset  # pylint: disable=pointless-statement  (no codes folder: refused before writing)
   return loop.run(task, program, workdir, loop.settings_from_config(config),
                   config_json=config.to_json_best_effort(indent=2))

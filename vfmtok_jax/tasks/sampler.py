@@ -228,24 +228,37 @@ def output_size(tok, image_size: int) -> int:
 
 
 def shardings(devices, batch: int):
-  """(params: replicated, rows: a batch of `batch` rows split over `devices` when they divide
-  it, else replicated) on a 1-D mesh of `devices`."""
+  """(params: replicated, rows: a batch of `batch` rows split over `devices`) on a 1-D mesh of
+  `devices`; `batch` must be a multiple of their count (`padded_batch` gives one)."""
+  if batch % len(devices):
+    raise ValueError(f"a batch of {batch} rows does not split over {len(devices)} devices")
   mesh = jax.sharding.Mesh(np.asarray(devices), ("batch",))
-  split = "batch" if batch % len(devices) == 0 else None
   return (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
-          jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(split)))
+          jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch")))
 
 
-def generate_all(model, params, labels: np.ndarray, settings, *, seed: int, batch_size: int):
-  """Tokens of every label in fixed-size batches (the last one padded).
+def padded_batch(batch_size: int, num: int, num_devices: int) -> int:
+  """Rows per generate call: min(batch_size, num) rounded up to a multiple of the device count,
+  so every device works; the extra rows are padding, generated and dropped."""
+  b = min(batch_size, num)
+  return -(-b // num_devices) * num_devices
+
+
+def generate_all(model, params, labels: np.ndarray, settings, *, seed: int, batch_size: int,
+                 devices=None):
+  """Tokens of every label in fixed-size batches, split over all devices (the batch rounded up to
+  a multiple of the device count and the last one padded; padding rows are dropped). Row i's
+  randomness comes from (seed, i), so the tokens do not depend on the batch or device count.
+  `devices`: those the rows are split over (default: all).
 
   Returns (tokens (n, T), seconds of the first call (compile + run), seconds of the timed
-  calls after it, rows those timed calls generated).
+  calls after it, rows those timed calls generated (padding not counted)).
   """
   key = jax.random.PRNGKey(seed)
   n = len(labels)
-  b = min(batch_size, n)
-  param_sharding, rows = shardings(jax.devices(), b)
+  devices = jax.devices() if devices is None else list(devices)
+  b = padded_batch(batch_size, n, len(devices))
+  param_sharding, rows = shardings(devices, b)
   params = jax.device_put(params, param_sharding)
 
   def run(start):
@@ -264,10 +277,10 @@ def generate_all(model, params, labels: np.ndarray, settings, *, seed: int, batc
   timed_rows = 0
   if n <= b:  # one batch only: time a second run of the compiled program
     run(0)
-    timed_rows = b
+    timed_rows = n
   for start in range(b, n, b):
     out.append(run(start))
-    timed_rows += b
+    timed_rows += min(b, n - start)
   sample_s = time.perf_counter() - t0
   return np.concatenate(out)[:n], compile_s, sample_s, timed_rows
 

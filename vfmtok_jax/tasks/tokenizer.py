@@ -39,6 +39,7 @@ from vfmtok_jax.tasks import tokenizer_eval
 from vfmtok_jax.train import loop
 from vfmtok_jax.train import optim
 from vfmtok_jax.train import program as program_lib
+from vfmtok_jax.train import settings_check
 from vfmtok_jax.train import state as state_lib
 from vfmtok_jax.train import task as task_lib
 from vfmtok_jax.weights import training_checkpoint
@@ -569,6 +570,9 @@ def from_config(config, vfm: vfm_zoo.VFM | None = None, *,
   batch_shards: devices the batch is split over (the discriminator's per-device groups);
     None: those of `config.mesh` over all devices.
   """
+  settings_check.check_training_config(config)
+  if config.disc.enabled:
+    settings_check.check_optimizer("disc", config.disc)
   if batch_shards is None:
     batch_shards = _batch_shards(shd.make_mesh(dict(config.mesh)))
   model = tokenizer_lib.VFMTokenizer(**tokenizer_io.model_kwargs(config.model))

@@ -89,7 +89,8 @@ def run(task: task_lib.Task, program: program_lib.TrainProgram, workdir: str,
     if start_step is not None:
       state, meta = checkpointer.restore(program.abstract_state, start_step)
       data_position = int(meta["data_position"])
-      logging.info("restored step %d from %s", start_step, checkpointer.directory)
+      if jax.process_index() == 0:
+        print(f"resuming from step {start_step} of {checkpointer.directory}", flush=True)
     else:
       state = task.init_from_data(program, program.init(jax.random.PRNGKey(s.seed)), constants)
       start_step, data_position = 0, 0
