@@ -10,7 +10,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "vfmtok_jax"
 LAYERS = (
     ("vfmtok_jax.ops", "vfmtok_jax.sharding", "vfmtok_jax.orbax_io", "vfmtok_jax.weights",
      "vfmtok_jax.distributed", "vfmtok_jax.compilation_cache", "vfmtok_jax.cli_setup",
-     "vfmtok_jax.tpu_topology"),
+     "vfmtok_jax.tpu_topology", "vfmtok_jax.compute_dtype"),
     ("vfmtok_jax.models",),
     ("vfmtok_jax.vfm_zoo", "vfmtok_jax.vfmtok", "vfmtok_jax.tokenizer_io", "vfmtok_jax.gpt_io"),
     ("vfmtok_jax.losses", "vfmtok_jax.data"),

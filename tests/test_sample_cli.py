@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from vfmtok_jax import compute_dtype
 from vfmtok_jax import tokenizer_io as tok_io
 from vfmtok_jax.tasks import sampler
 
@@ -33,7 +34,8 @@ def test_sample_command_writes_tokens_images_and_grid(golden_gpt, golden_tokeniz
   tok_dir, tok = golden_tokenizer
   out = tmp_path / "s.npz"
   result = _sample("--gpt", gpt_dir, "--tokenizer", tok_dir, "--labels", "3,7,7,1,0",
-                   "--cfg", "2.0", "--top_k", "1", "--batch_size", "2", "--out", str(out))
+                   "--cfg", "2.0", "--top_k", "1", "--batch_size", "2", "--out", str(out),
+                   "--dtype", "float32")  # auto would pick bf16 on a CPU with AMX
   assert result.returncode == 0, result.stderr[-3000:]
   assert "tokens/s" in result.stdout and "images/s" in result.stdout
   with np.load(out) as f:
@@ -117,6 +119,8 @@ def test_two_processes_sample_what_one_samples(golden_gpt, tmp_path):
     assert p.returncode == 0, out[-3000:]
   one = _sample(*args, "--out", str(tmp_path / "one.npz"))
   assert one.returncode == 0, one.stderr[-3000:]
+  want = "compute dtype " + compute_dtype.auto("cpu")[0]  # --dtype auto says what it chose
+  assert want in one.stdout and all(want in out for out in outs), one.stdout[-2000:]
   with np.load(tmp_path / "two.npz") as a, np.load(tmp_path / "one.npz") as b:
     np.testing.assert_array_equal(a["indices"], b["indices"])
     np.testing.assert_array_equal(a["labels"], b["labels"])
@@ -144,3 +148,15 @@ def test_batches_that_do_not_divide_the_devices_are_padded(golden_gpt):
     np.testing.assert_array_equal(tokens, alone, err_msg=f"batch_size {batch_size}")
   with pytest.raises(ValueError, match="does not split over 8 devices"):
     sampler.shardings(jax.devices(), 12)
+
+
+def test_compute_dtype_follows_the_hardware(tmp_path):
+  """bf16 where it runs natively (TPU, GPU, CPUs with AMX tiles), float32 elsewhere; the CPU's
+  flags read from /proc/cpuinfo's format."""
+  assert compute_dtype.auto("tpu")[0] == compute_dtype.auto("gpu")[0] == "bfloat16"
+  assert compute_dtype.auto("cpu", {"avx512f", "amx_bf16", "amx_tile"})[0] == "bfloat16"
+  assert compute_dtype.auto("cpu", {"avx512f", "avx512_bf16"})[0] == "float32"
+  info = tmp_path / "cpuinfo"
+  info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512_bf16\n\nprocessor\t: 1\n")
+  assert compute_dtype.cpu_flags(str(info)) == {"fpu", "sse2", "avx512_bf16"}
+  assert compute_dtype.cpu_flags(str(tmp_path / "absent")) == set()

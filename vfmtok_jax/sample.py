@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from vfmtok_jax import cli_setup
+from vfmtok_jax import compute_dtype
 from vfmtok_jax import gpt_io
 from vfmtok_jax import tokenizer_io
 from vfmtok_jax.data import images as image_io
@@ -50,15 +51,21 @@ _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "rows per compiled call (x2 with guidance)")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 0, "decoded image size (0: 256 for a 336 px "
                                    "tokenizer, else its own size)")
-_DTYPE = flags.DEFINE_enum("dtype", "", ["", "float32", "bfloat16"], "GPT compute dtype "
-                           "override (the reference samples in bf16)")
+_DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "model", "float32", "bfloat16"],
+                           "GPT compute dtype: auto (bfloat16 on TPU, GPU and CPUs with AMX, "
+                           "else float32), model (the GPT folder's), or one (the reference "
+                           "samples in bfloat16)")
 _OUT = flags.DEFINE_string("out", None, "output .npz")
 _CACHE = cli_setup.define_cache_flag()
 
 
 def main(argv):
   cli_setup.start(argv, _CACHE)
-  model, params, meta = gpt_io.load_gpt(_GPT.value, dtype=_DTYPE.value or None)
+  dtype = None if _DTYPE.value == "model" else _DTYPE.value
+  if dtype == "auto":
+    dtype, why = compute_dtype.auto()
+    print(f"compute dtype {dtype}: {why} (--dtype to choose)", flush=True)
+  model, params, meta = gpt_io.load_gpt(_GPT.value, dtype=dtype)
   tok = None
   if _TOKENIZER.value:
     tok = tokenizer_io.load_tokenizer(_TOKENIZER.value)
