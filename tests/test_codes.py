@@ -2,9 +2,6 @@
 
 import json
 import os
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,9 +11,7 @@ from vfmtok_jax import tokenizer_io
 from vfmtok_jax.data import codes as codes_lib
 from vfmtok_jax.data import input_pipeline
 from vfmtok_jax.tasks import code_extraction
-from tests.test_sample_cli import _free_port
-
-ROOT = str(pathlib.Path(__file__).resolve().parents[1])
+from tests.test_sample_cli import run_two_processes
 
 
 def _write_folder(folder, labels, codes, shard_sizes):
@@ -184,22 +179,9 @@ def test_two_processes_extract_what_one_extracts(golden_tokenizer, tmp_path):
   one = str(tmp_path / "one")
   code_extraction.extract(tok, _extract_config(), one, tok_path=tok_path)
   two = str(tmp_path / "two")
-  port = _free_port()
-  base = dict(os.environ, JAX_PLATFORMS="cpu",
-              XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  cache = os.path.join(os.environ.get("JAX_COMPILATION_CACHE_DIR", str(tmp_path)),
-                       "two_processes")
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "vfmtok_jax.extract_codes", "--tokenizer", tok_path,
-       "--config", "configs/extract_codes.py:demo,crops_per_photo=2", "--config.num_shards=3",
-       "--config.batch_size=4", "--out", two],
-      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-      env=dict(base, VFMTOK_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-               JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i), VFMTOK_CPU_COLLECTIVES="gloo",
-               JAX_COMPILATION_CACHE_DIR=cache)) for i in range(2)]
-  outs = [p.communicate(timeout=300)[0] for p in procs]
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out[-3000:]
+  run_two_processes(["-m", "vfmtok_jax.extract_codes", "--tokenizer", tok_path, "--config",
+                     "configs/extract_codes.py:demo,crops_per_photo=2", "--config.num_shards=3",
+                     "--config.batch_size=4", "--out", two], devices_each=1, tmp_path=tmp_path)
   assert json.load(open(os.path.join(two, "codes.json"))) == \
       json.load(open(os.path.join(one, "codes.json")))
   for a, b in zip(codes_lib.CodesDataset(one).read(range(24)),
