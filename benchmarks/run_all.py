@@ -11,14 +11,14 @@ assumed) and reads back its medians:
                 also with bf16 compute (`vfm_forward.py`)
   tokenizer     the tokenizer train step and eval forward (f32, bf16) at the configuration the
                 official code was timed at (`tokenizer_step.py`)
-  gpt           the GPT train step and KV-cache sampling at CFG 2.0 vs CFG-free
-                (`sampling.py`)
+  gpt           the GPT train step and KV-cache sampling at CFG 2.0 vs CFG-free, against a
+                PyTorch GPT with the same weights in the same rounds (`sampling.py`)
 
 Each figure is a median over interleaved rounds after compilation (compile time apart, in the
-JSON). The official VFMTok code is not installed here, so the tokenizer, GPT step and sampling
-rows compare against its figures on this machine type in `../shared/docs/perf-notes.md` (side by
-side sessions of 2026-12-01 and 2026-12-06; the range of both is shown and the ratio against
-each end): those ratios are not side by side and move with the CPU. Utilisation is the train
+JSON). The official VFMTok code is not installed here, so the tokenizer rows, and as context the
+GPT rows, compare against its figures on this machine type in `../shared/docs/perf-notes.md`
+(side by side sessions of 2026-12-01 and 2026-12-06; the range of both is shown and the ratio
+against each end): those ratios are not side by side and move with the CPU. Utilisation is the train
 steps' achieved FLOP/s (FLOPs from the compiled cost analysis) over the f32 matmul peak
 (2048^3) timed in the same rounds of the same process.
 """
@@ -51,7 +51,8 @@ BENCHMARKS = {
     "deform_attn": ("deform_attn.py", ["--repeats", "10"], ["--repeats", "4", "--warmup", "1"]),
     "vfm": ("vfm_forward.py", ["--warmup", "1", "--runs", "5"], ["--warmup", "1", "--runs", "3"]),
     "tokenizer": ("tokenizer_step.py", ["--runs", "5"], ["--runs", "2", "--loss_steps", "1"]),
-    "gpt": ("sampling.py", ["--runs", "3"], ["--runs", "2", "--big_batch", "32"]),
+    "gpt": ("sampling.py", ["--runs", "3"],
+            ["--runs", "2", "--step_runs", "5", "--big_batch", "32"]),
 }
 
 
@@ -144,14 +145,27 @@ def rows(results: dict) -> list[tuple[str, str, str, str]]:
                   f"{fwd['median_s']:.2f} s", f"{theirs} s", ratio))
   if "gpt" in results:
     g = results["gpt"]
+    torch_side = g.get("torch") or {}
+    t_step = (torch_side.get("train_step") or {}).get("median_s")
     for dtype, step in g["train_step"].items():
       util = step["gflop"] / step["median_s"] / g["peak_f32_gflops"]
+      ours = f"{step['median_s']:.3f} s ({100 * util:.0f} % of the f32 peak)"
+      if t_step:
+        out.append((f"GPT train step, batch 4, {dtype} (vs PyTorch f32, side by side)", ours,
+                    f"{t_step:.3f} s", f"{t_step / step['median_s']:.2f}x"))
       theirs, ratio = _vs_official(step["median_s"], "gpt_step_s")
-      out.append((f"GPT train step, batch 4, {dtype} (vs official f32, perf-notes)",
-                  f"{step['median_s']:.3f} s ({100 * util:.0f} % of the f32 peak)",
+      out.append((f"GPT train step, batch 4, {dtype} (vs official f32, perf-notes)", ours,
                   f"{theirs} s", ratio))
     by = {(s["dtype"], s["batch"], s["cfg"]): s for s in g["sampling"]}
+    t_by = {(s["batch"], s["cfg"]): s for s in torch_side.get("sampling", [])}
     for dtype in ("float32", "bfloat16"):
+      for (b, cfg), t in sorted(t_by.items()):
+        if (dtype, b, cfg) in by:
+          mine = by[(dtype, b, cfg)]["tokens_per_s"]
+          what = "CFG-free" if cfg <= 1 else f"CFG {cfg:g}"
+          out.append((f"GPT sampling, batch {b}, {what}, {dtype} (vs PyTorch f32, side by side)",
+                      f"{mine:.0f} tokens/s", f"{t['tokens_per_s']:.0f} tokens/s",
+                      f"{mine / t['tokens_per_s']:.2f}x"))
       free, cfg = by.get((dtype, 4, 1.0)), by.get((dtype, 4, 2.0))
       if free:
         theirs, ratio = _vs_official(free["tokens_per_s"], "sampling_cfg_free_b4_tokens_s", True)
@@ -161,12 +175,14 @@ def rows(results: dict) -> list[tuple[str, str, str, str]]:
         theirs, ratio = _vs_official(cfg["tokens_per_s"], "sampling_cfg_b4_tokens_s", True)
         out.append((f"GPT sampling, batch 4, CFG 2.0 (official: 1.5), {dtype}",
                     f"{cfg['tokens_per_s']:.0f} tokens/s", f"{theirs} tokens/s", ratio))
-      big = sorted({b for (d, b, _) in by if d == dtype and b != 4})
-      for b in big:
+      for b in sorted({b for (d, b, _) in by if d == dtype}):
         if (dtype, b, 1.0) in by and (dtype, b, 2.0) in by:
-          share = by[(dtype, b, 1.0)]["median_s"] / by[(dtype, b, 2.0)]["median_s"]
-          out.append((f"CFG-free time / CFG time, batch {b}, {dtype} (ours only)",
-                      f"{share:.2f}", "", ""))
+          cost = by[(dtype, b, 2.0)]["median_s"] / by[(dtype, b, 1.0)]["median_s"]
+          theirs = ""
+          if (b, 1.0) in t_by and (b, 2.0) in t_by:
+            theirs = f"{t_by[(b, 2.0)]['median_s'] / t_by[(b, 1.0)]['median_s']:.2f}"
+          out.append((f"CFG time / CFG-free time, batch {b}, {dtype}", f"{cost:.2f}", theirs,
+                      ""))
   return out
 
 

@@ -52,8 +52,9 @@ class RMSNorm(nn.Module):
 
 class Attention(nn.Module):
 
-  def __init__(self, dim, n_head, n_kv_head):
+  def __init__(self, dim, n_head, n_kv_head, resid_dropout=0.0):
     super().__init__()
+    self.resid_dropout = nn.Dropout(resid_dropout)
     self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, dim // n_head
     self.wqkv = nn.Linear(dim, (n_head + 2 * n_kv_head) * self.head_dim, bias=False)
     self.wo = nn.Linear(dim, dim, bias=False)
@@ -73,14 +74,15 @@ class Attention(nn.Module):
     rep = self.n_head // self.n_kv_head
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-    return self.wo(out.transpose(1, 2).contiguous().view(b, s, d))
+    return self.resid_dropout(self.wo(out.transpose(1, 2).contiguous().view(b, s, d)))
 
 
 class Block(nn.Module):
 
-  def __init__(self, dim, n_head, n_kv_head, hidden, eps):
+  def __init__(self, dim, n_head, n_kv_head, hidden, eps, resid_dropout=0.0, ffn_dropout=0.0):
     super().__init__()
-    self.attention = Attention(dim, n_head, n_kv_head)
+    self.attention = Attention(dim, n_head, n_kv_head, resid_dropout)
+    self.ffn_dropout = nn.Dropout(ffn_dropout)
     self.feed_forward = nn.Module()
     self.feed_forward.w1 = nn.Linear(dim, hidden, bias=False)
     self.feed_forward.w2 = nn.Linear(hidden, dim, bias=False)
@@ -90,14 +92,16 @@ class Block(nn.Module):
   def forward(self, x, fc, input_pos=None, mask=None):
     h = x + self.attention(self.attention_norm(x), fc, input_pos, mask)
     ff, y = self.feed_forward, self.ffn_norm(h)
-    return h + ff.w2(F.silu(ff.w1(y)) * ff.w3(y))
+    return h + self.ffn_dropout(ff.w2(F.silu(ff.w1(y)) * ff.w3(y)))
 
 
 class GPT(nn.Module):
 
   def __init__(self, *, dim, n_layer, n_head, n_kv_head, vocab_size, block_size, num_classes,
-               multiple_of=256, ffn_dim_multiplier=None, eps=1e-5):
+               multiple_of=256, ffn_dim_multiplier=None, eps=1e-5, token_dropout=0.0,
+               resid_dropout=0.0, ffn_dropout=0.0, class_dropout=0.0):
     super().__init__()
+    self.class_dropout, self.tok_dropout = class_dropout, nn.Dropout(token_dropout)
     hidden = int(2 * 4 * dim / 3)
     if ffn_dim_multiplier is not None:
       hidden = int(ffn_dim_multiplier * hidden)
@@ -107,8 +111,8 @@ class GPT(nn.Module):
     self.cls_embedding = nn.Module()
     self.cls_embedding.embedding_table = nn.Embedding(num_classes + 1, dim)
     self.tok_embeddings = nn.Embedding(vocab_size, dim)
-    self.layers = nn.ModuleList(Block(dim, n_head, n_kv_head, hidden, eps)
-                                for _ in range(n_layer))
+    self.layers = nn.ModuleList(Block(dim, n_head, n_kv_head, hidden, eps, resid_dropout,
+                                      ffn_dropout) for _ in range(n_layer))
     self.norm = RMSNorm(dim, eps)
     self.output = nn.Linear(dim, vocab_size, bias=False)
     self.freqs_cis = freqs_cis_2d(math.isqrt(block_size), dim // n_head)
@@ -119,14 +123,26 @@ class GPT(nn.Module):
       layer.attention.k_cache, layer.attention.v_cache = torch.zeros(shape), torch.zeros(shape)
     self.causal_mask = torch.tril(torch.ones(max_seq, max_seq, dtype=torch.bool))
 
+  def drop_caches(self):
+    """Back to teacher forcing (a forward without `input_pos` must not write a cache)."""
+    for layer in self.layers:
+      layer.attention.k_cache = layer.attention.v_cache = None
+
   def forward(self, idx, cond_idx, input_pos=None):
-    """Teacher forcing (input_pos None: [cls ; tok(idx)]) or one cache step."""
+    """Teacher forcing (input_pos None: [cls ; tok(idx)]) or one cache step.
+
+    In train mode the reference's dropouts apply: each label becomes the null class with
+    probability `class_dropout`, then token dropout on the embeddings, residual dropout after
+    `wo` and FFN dropout after `w2` (all 0 by default, so the oracle is deterministic)."""
     parts = []
     if cond_idx is not None:
+      if self.training and self.class_dropout > 0:
+        drop = torch.rand(cond_idx.shape[0]) < self.class_dropout
+        cond_idx = torch.where(drop, self.num_classes, cond_idx)
       parts.append(self.cls_embedding.embedding_table(cond_idx)[:, None])
     if idx is not None:
       parts.append(self.tok_embeddings(idx))
-    h = torch.cat(parts, dim=1)
+    h = self.tok_dropout(torch.cat(parts, dim=1))
     if input_pos is None:
       fc, mask, pos = self.freqs_cis[:h.shape[1]], None, None
     else:
@@ -153,8 +169,15 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0):
 
 
 @torch.no_grad()
-def generate_greedy(model, labels, cfg_scale=1.0, cfg_interval=-1):
-  """Greedy (top-1) `generate()`; returns (tokens (B, T), step logits after CFG (B, T, V))."""
+def generate(model, labels, cfg_scale=1.0, cfg_interval=-1, *, greedy=False, temperature=1.0,
+             top_k=0, top_p=1.0, generator=None, keep_logits=True):
+  """The reference's `generate()`: prefill the class token, then one cache step per token.
+
+  CFG runs the conditional rows first and the null-class rows after them and mixes the raw
+  logits; each token is the argmax (`greedy`) or drawn with `torch.multinomial` from the
+  filtered softmax. Returns (tokens (B, T), step logits after CFG (B, T, V), or None without
+  `keep_logits`: the reference keeps none)."""
+  model.eval()
   b, t = labels.shape[0], model.block_size
   guided = cfg_scale > 1.0
   rows = torch.cat([labels, torch.full_like(labels, model.num_classes)]) if guided else labels
@@ -166,15 +189,33 @@ def generate_greedy(model, labels, cfg_scale=1.0, cfg_interval=-1):
     c, u = logits[:b], logits[b:]
     return u + (c - u) * cfg_scale if use else c
 
-  logits = guide(model(None, rows, torch.tensor([0]))[:, -1], True)
-  tokens, all_logits = [], [logits]
-  tok = sample(logits, top_k=1)[0]
-  tokens.append(tok)
-  for i in range(t - 1):
-    x = torch.cat([tok, tok]) if guided else tok
-    logits = model(x, None, torch.tensor([i + 1]))[:, -1]
-    logits = guide(logits, not (cfg_interval > -1 and i > cfg_interval))
-    all_logits.append(logits)
-    tok = sample(logits, top_k=1)[0]
+  def pick(logits):
+    if greedy:
+      return sample(logits, top_k=1)[0]
+    _, filtered = sample(logits, temperature, top_k, top_p)
+    return torch.multinomial(F.softmax(filtered, dim=-1), 1, generator=generator)
+
+  def decode():
+    logits = guide(model(None, rows, torch.tensor([0]))[:, -1], True)
+    tokens, all_logits = [], [logits]
+    tok = pick(logits)
     tokens.append(tok)
-  return torch.cat(tokens, 1), torch.stack(all_logits, 1)
+    for i in range(t - 1):
+      x = torch.cat([tok, tok]) if guided else tok
+      logits = model(x, None, torch.tensor([i + 1]))[:, -1]
+      logits = guide(logits, not (cfg_interval > -1 and i > cfg_interval))
+      if keep_logits:
+        all_logits.append(logits)
+      tok = pick(logits)
+      tokens.append(tok)
+    return torch.cat(tokens, 1), torch.stack(all_logits, 1) if keep_logits else None
+
+  try:
+    return decode()
+  finally:
+    model.drop_caches()
+
+
+def generate_greedy(model, labels, cfg_scale=1.0, cfg_interval=-1):
+  """Greedy (top-1) `generate()`; returns (tokens (B, T), step logits after CFG (B, T, V))."""
+  return generate(model, labels, cfg_scale, cfg_interval, greedy=True)

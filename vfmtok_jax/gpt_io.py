@@ -16,6 +16,7 @@ import dataclasses
 import os
 from typing import Any, Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -35,9 +36,25 @@ def model_kwargs(model_cfg: Mapping[str, Any]) -> dict:
   return kwargs
 
 
-def model_from_config(model_cfg: Mapping[str, Any]) -> gpt_lib.GPT:
+def layer_loop_unroll(setting: int, num_layers: int, platform: str) -> int:
+  """Layers per iteration of the layer loop; `setting` 0 = by platform.
+
+  CPU: all layers, no loop. XLA:CPU runs a loop body's operations one iteration at a time and
+  copies the stacked residuals in and out; the unrolled f32 train step was 6-7 % faster
+  (`benchmarks/sampling.py`'s configuration, README). TPU and GPU: 1, so that compile time does
+  not grow with depth (the AOT plans of GPT-XXL to 3B)."""
+  if setting < 0:
+    raise ValueError(f"model.scan_unroll {setting}: expected 0 (by platform) or >= 1")
+  if setting:
+    return setting
+  return num_layers if platform == "cpu" else 1
+
+
+def model_from_config(model_cfg: Mapping[str, Any], platform: str | None = None
+                      ) -> gpt_lib.GPT:
   """A GPT from a config's `model` block (`multiple_of` and `ffn_dim_multiplier`, 0 = none,
-  give the FFN width as the reference computes it).
+  give the FFN width as the reference computes it; `scan_unroll` 0 is resolved for `platform`,
+  default JAX's backend: `layer_loop_unroll`).
 
   Raises:
     ValueError: inconsistent sizes (named).
@@ -46,6 +63,8 @@ def model_from_config(model_cfg: Mapping[str, Any]) -> gpt_lib.GPT:
   multiple_of = int(cfg.pop("multiple_of"))
   multiplier = float(cfg.pop("ffn_dim_multiplier")) or None
   cfg["ffn_hidden"] = gpt_lib.ffn_hidden_dim(int(cfg["dim"]), multiple_of, multiplier)
+  cfg["scan_unroll"] = layer_loop_unroll(int(cfg.get("scan_unroll", 1)), int(cfg["num_layers"]),
+                                         platform or jax.default_backend())
   model = gpt_lib.GPT(**model_kwargs(cfg))
   model.check()
   return model

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from vfmtok_jax.models import layers
 from vfmtok_jax.models import rope as rope_lib
+from vfmtok_jax.ops import matmul as matmul_lib
 
 Dtype = Any
 # {"k", "v"}: (num_layers, B, num_kv_heads, max_len, head_dim) in the compute dtype; heads
@@ -253,8 +254,9 @@ class GPT(nn.Module):
     x = RMSNorm(self.norm_eps, self.dtype, name="norm")(x)
     head = self.param("output", layers.logical(nn.initializers.zeros, ("embed", "vocab")),
                       (self.dim, self.vocab_size), jnp.float32)
-    logits = jnp.einsum("bsd,dv->bsv", x.astype(self.dtype), head.astype(self.dtype),
-                        preferred_element_type=jnp.float32)
+    # (B, S, dim) x (dim, vocab): `ops.matmul`'s weight gradient avoids XLA:CPU's transposed
+    # copy of the (B S, vocab) logits gradient.
+    logits = matmul_lib.matmul(x.astype(self.dtype), head.astype(self.dtype))
     return _batch_sharded(logits), new_cache
 
 

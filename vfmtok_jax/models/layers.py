@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vfmtok_jax.ops import matmul as matmul_lib
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
@@ -41,8 +43,7 @@ class Dense(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param("kernel", logical(self.kernel_init, self.kernel_axes),
                         (x.shape[-1], self.features), jnp.float32)
-    y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype),
-                   preferred_element_type=jnp.float32)
+    y = matmul_lib.matmul(x.astype(self.dtype), kernel.astype(self.dtype))
     if self.use_bias:
       bias = self.param("bias", logical(self.bias_init, self.kernel_axes[1:]),
                         (self.features,), jnp.float32)

@@ -339,7 +339,7 @@ def decode_plan(config, topo: tpu_topology.Topology, devices: Sequence, *, batch
   """The sampler for a GPT config: generation of `batch` images (classifier-free guidance when
   `cfg_scale` != 1, i.e. 2 x batch rows), as `sampler.generate_all` shards it (weights
   replicated, rows split over the chips). Memory: the whole program; cost: one token."""
-  model = gpt_io.model_from_config(config.model)
+  model = gpt_io.model_from_config(config.model, platform="tpu")
   settings = sampler.SamplingSettings(cfg_scale=cfg_scale)
   batch = sampler.padded_batch(batch, batch, len(devices))   # as generate_all pads it
   param_sharding, rows_sharding = sampler.shardings(devices, batch)
