@@ -21,6 +21,7 @@ from vfmtok_jax import gpt_io
 from vfmtok_jax.models import gpt as gpt_lib
 from vfmtok_jax.models import rope
 from vfmtok_jax.ops import sampling
+from vfmtok_jax.tasks import gpt as gpt_task
 from vfmtok_jax.tasks import sampler
 from vfmtok_jax.weights import files
 from vfmtok_jax.weights import gpt as gpt_keys
@@ -117,6 +118,49 @@ def test_teacher_forcing_matches_oracle(oracle):
   got, _ = model.apply({"params": params}, jnp.asarray(tokens[:, :-1].numpy()),
                        jnp.asarray(labels.numpy()))
   np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+
+
+def test_oracle_dropouts_apply_in_train_mode_only_and_generate_leaves_no_cache():
+  """The benchmark's PyTorch side trains the oracle with the reference's dropouts: train mode
+  changes the logits, eval mode is the dropout-free model; `generate()` drops its caches, so a
+  later teacher-forcing forward (a training step) does not write into them."""
+  torch.manual_seed(0)
+  sizes = dict(dim=32, n_layer=1, n_head=2, n_kv_head=2, vocab_size=16, block_size=16,
+               num_classes=3, multiple_of=32)
+  plain = gpt_reference.GPT(**sizes)
+  dropped = gpt_reference.GPT(**sizes, token_dropout=0.5, resid_dropout=0.5, ffn_dropout=0.5,
+                              class_dropout=0.5)
+  dropped.load_state_dict(plain.state_dict())
+  tokens, labels = torch.randint(0, 16, (4, 15)), torch.tensor([0, 1, 2, 1])
+  with torch.no_grad():
+    want = plain.eval()(tokens, labels)
+    np.testing.assert_array_equal(dropped.eval()(tokens, labels), want)
+    assert not torch.allclose(dropped.train()(tokens, labels), want)
+  gpt_reference.generate(dropped, labels, 2.0, keep_logits=False)
+  assert all(layer.attention.k_cache is None for layer in dropped.layers)
+  assert dropped(tokens, labels).shape == (4, 16, 16)
+
+
+def test_top1_hits_is_argmax_up_to_exact_ties():
+  logits = jax.random.normal(jax.random.PRNGKey(0), (3, 50, 64))
+  targets = jax.random.randint(jax.random.PRNGKey(1), (3, 50), 0, 64)
+  targets = targets.at[0, :10].set(jnp.argmax(logits[0, :10], -1))  # some hits
+  np.testing.assert_array_equal(gpt_task.top1_hits(logits, targets),
+                                jnp.argmax(logits, -1) == targets)
+  tie = jnp.array([[1.0, 3.0, 3.0]])  # argmax picks index 1; the max comparison counts 2 too
+  assert bool(gpt_task.top1_hits(tie, jnp.array([2]))[0])
+
+
+def test_layer_loop_is_unrolled_on_cpu_only_by_default():
+  assert gpt_io.layer_loop_unroll(0, 12, "cpu") == 12
+  assert gpt_io.layer_loop_unroll(0, 12, "tpu") == 1
+  assert gpt_io.layer_loop_unroll(0, 12, "gpu") == 1
+  assert gpt_io.layer_loop_unroll(3, 12, "cpu") == 3  # a chosen value stays
+  with pytest.raises(ValueError, match="scan_unroll -1"):
+    gpt_io.layer_loop_unroll(-1, 12, "cpu")
+  cfg = gpt_configs.get_config("gpt_b").model
+  assert gpt_io.model_from_config(cfg, platform="tpu").scan_unroll == 1
+  assert gpt_io.model_from_config(cfg, platform="cpu").scan_unroll == 12
 
 
 @pytest.mark.parametrize("cfg,interval", [(1.0, -1), (3.0, -1), (3.0, 5)])
