@@ -172,7 +172,8 @@ class GPT(nn.Module):
   ffn_dropout: float = 0.1
   class_dropout: float = 0.1
   remat: bool = False
-  scan_unroll: int = 1      # layers per iteration of the layer loop (num_layers: no loop)
+  scan_unroll: int = 1      # layers per iteration of the training / teacher-forcing layer loop
+                            # (num_layers: no loop); decoding always loops layer by layer
   dtype: Dtype = jnp.float32
 
   @property
@@ -238,10 +239,13 @@ class GPT(nn.Module):
                   self.attn_dropout, self.resid_dropout, self.ffn_dropout, deterministic,
                   self.dtype)
     block = nn.remat(Block, prevent_cse=False) if self.remat and cache is None else Block
+    # Decoding loops over the layers one at a time whatever `scan_unroll` says: unrolled, XLA:CPU
+    # copied every layer's slice of the stacked cache at every token (2x slower sampling).
+    unroll = self.scan_unroll if cache is None else 1
     stack = nn.scan(block, variable_axes={"params": 0},
                     split_rngs={"params": True, "dropout": True},
                     in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
-                    length=self.num_layers, unroll=self.scan_unroll,
+                    length=self.num_layers, unroll=unroll,
                     metadata_params={nn.PARTITION_NAME: "layers"})
     # Each layer reads its slice of the stacked cache; the S new keys and values of all layers
     # come out of the scan stacked, and are written into the cache once, after it (in place
