@@ -49,7 +49,7 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.model = model_config("gpt_b" if variant == "demo" else variant)
   # ffn_dim_multiplier 0.0 means none (the reference's None). scan_unroll: layers per iteration
-  # of the layer loop, 0 = by platform (all of them on CPU, where the loop costs 6-7 % of the
+  # of the layer loop, 0 = by platform (all of them on CPU, where the loop costs 5-6 % of the
   # step; 1 on TPU / GPU, where compile time then does not grow with depth).
 
   # Codes: a folder of `extract_codes` shards; `variants` which augmentations to draw from

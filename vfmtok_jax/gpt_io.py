@@ -40,7 +40,7 @@ def layer_loop_unroll(setting: int, num_layers: int, platform: str) -> int:
   """Layers per iteration of the layer loop; `setting` 0 = by platform.
 
   CPU: all layers, no loop. XLA:CPU runs a loop body's operations one iteration at a time and
-  copies the stacked residuals in and out; the unrolled f32 train step was 6-7 % faster
+  copies the stacked residuals in and out; the unrolled f32 train step was 5-6 % faster
   (`benchmarks/sampling.py`'s configuration, README). TPU and GPU: 1, so that compile time does
   not grow with depth (the AOT plans of GPT-XXL to 3B)."""
   if setting < 0:

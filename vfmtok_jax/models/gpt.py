@@ -240,7 +240,7 @@ class GPT(nn.Module):
                   self.dtype)
     block = nn.remat(Block, prevent_cse=False) if self.remat and cache is None else Block
     # Decoding loops over the layers one at a time whatever `scan_unroll` says: unrolled, XLA:CPU
-    # copied every layer's slice of the stacked cache at every token (2x slower sampling).
+    # copied every layer's slice of the stacked cache at every token (decode profile, README).
     unroll = self.scan_unroll if cache is None else 1
     stack = nn.scan(block, variable_axes={"params": 0},
                     split_rngs={"params": True, "dropout": True},
