@@ -1,4 +1,5 @@
-"""A test-only PyTorch oracle of LlamaGen's c2i GPT and its `generate()` (spec section 7).
+"""A test-only PyTorch oracle of LlamaGen's c2i GPT and its `generate()` (spec section 7); also
+the PyTorch side of `benchmarks/sampling.py` (train step and sampling, side by side).
 
 Written from the spec's description of `autoregressive/models/gpt.py` / `generate.py`, in the
 reference's own formulation (fused wqkv, `repeat_interleave` for grouped KV heads, complex-style
