@@ -141,7 +141,7 @@ def main():
     c.batch_size = STEP_BATCH
     c.mesh = dict(data=1, fsdp=1, tensor=1)
     c.sharding = "dp"
-    task, program = gpt_task.build(c, jax.devices()[:1], gpt_task.from_config(c))
+    _, program = gpt_task.build(c, jax.devices()[:1], gpt_task.from_config(c))
     st = program.init(jax.random.PRNGKey(0))
     same = lambda: jax.tree.map(  # fresh buffers each: the step donates its state  # noqa
         lambda old, new: jax.device_put(jnp.copy(new), old.sharding), st.params, params)
@@ -151,7 +151,6 @@ def main():
     step = program.lower().compile()
     steps[dtype] = dict(step=step, state=st, batch=batch, compile=time.perf_counter() - start,
                         flops=step.cost_analysis()["flops"])
-    del task
 
   # -- the PyTorch side ----------------------------------------------------------------------------
   torch_fns = {}
@@ -248,8 +247,7 @@ def main():
       torch_side = {"train_step": {"median_s": med["torch_step"], "runs_s": times["torch_step"]},
                     "sampling": [{"batch": b, "cfg": cfg, "median_s": med[("torch", b, cfg)],
                                   "tokens_per_s": b * 256 / med[("torch", b, cfg)]}
-                                 for (_, b, cfg) in keys if ("torch", b, cfg) in med
-                                 and _ == "torch"]}
+                                 for (side, b, cfg) in keys if side == "torch"]}
     with open(args.json, "w") as f:
       json.dump({"peak_f32_gflops": peak, "runs": args.runs, "torch": torch_side, "sampling": [
           {"dtype": d, "batch": b, "cfg": cfg, "median_s": med[(d, b, cfg)],
