@@ -13,6 +13,9 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # XLA:CPU compile time dominates this suite (tiny shapes); skip most optimisation passes.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# The AOT tests load libtpu for compile-only TPU descriptions (no chips), possibly in both
+# pytest-xdist workers at once; without this the second fails on libtpu's lockfile.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import pathlib  # pylint: disable=g-import-not-at-top
 

@@ -71,9 +71,19 @@ def test_teacher_forced_logits_and_loss_match_golden(golden):
   np.testing.assert_allclose(float(loss), float(io["tf_loss"]), atol=1e-5)
 
 
+def _decoding_layout(model, per_layer: bool):
+  """The model as CPU configs build it (layer loop unrolled: decoding on per-layer weights and
+  caches) or as TPU/GPU configs do (one scanned layer loop over stacked weights and cache)."""
+  model = model.clone(scan_unroll=model.num_layers if per_layer else 1)
+  assert sampler.decodes_per_layer(model) == per_layer or model.num_layers == 1
+  return model
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
 @pytest.mark.parametrize("cfg", [1.0, 2.0])
-def test_greedy_kv_cache_generation_matches_golden(golden, cfg):
+def test_greedy_kv_cache_generation_matches_golden(golden, cfg, per_layer):
   model, params, io, _ = golden
+  model = _decoding_layout(model, per_layer)
   tokens, logits = sampler.generate(model, params, io["cls_ids"], jax.random.PRNGKey(0),
                                     sampler.SamplingSettings(cfg_scale=cfg, top_k=1),
                                     return_logits=True)
@@ -161,6 +171,8 @@ def test_layer_loop_is_unrolled_on_cpu_only_by_default():
   cfg = gpt_configs.get_config("gpt_b").model
   assert gpt_io.model_from_config(cfg, platform="tpu").scan_unroll == 1
   assert gpt_io.model_from_config(cfg, platform="cpu").scan_unroll == 12
+  assert not sampler.decodes_per_layer(gpt_io.model_from_config(cfg, platform="tpu"))
+  assert sampler.decodes_per_layer(gpt_io.model_from_config(cfg, platform="cpu"))
 
 
 @pytest.mark.parametrize("cfg,interval", [(1.0, -1), (3.0, -1), (3.0, 5)])
@@ -178,9 +190,11 @@ def test_greedy_generation_matches_oracle(oracle, cfg, interval):
   np.testing.assert_allclose(logits, want_logits.numpy(), atol=ATOL, rtol=0)
 
 
-def test_kv_cache_decoding_equals_full_forward(oracle):
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_kv_cache_decoding_equals_full_forward(oracle, per_layer):
   """Greedy tokens are the argmax of a no-cache forward over the generated sequence."""
   _, model, params = oracle
+  model = _decoding_layout(model, per_layer)
   labels = jnp.array([0, 3, 9])
   tokens, logits = sampler.generate(model, params, labels, jax.random.PRNGKey(0),
                                     sampler.SamplingSettings(top_k=1), return_logits=True)
@@ -243,8 +257,9 @@ def test_cfg_free_skips_the_unconditional_half(oracle):
 
 
 def test_decoder_program_does_not_grow_with_depth(oracle):
-  """Layers run under a scan in the decoder too: 1 and 4 layers lower to the same program
-  apart from shapes (the same number of dots and ops), so compile time does not grow."""
+  """With the layer loop kept (TPU and GPU configs), layers run under a scan in the decoder
+  too: 2 and 4 layers lower to the same program apart from shapes (the same number of dots and
+  ops), so compile time does not grow. (CPU configs unroll it: `decodes_per_layer`.)"""
   _, model, params = oracle
   labels = jnp.zeros((2,), jnp.int32)
 
@@ -259,8 +274,8 @@ def test_decoder_program_does_not_grow_with_depth(oracle):
     text = fn.lower(p, labels, jnp.arange(2), jax.random.PRNGKey(0), scales, guided,
                     jnp.float32(1.0)).as_text()
     return text.count("dot_general"), len(text.splitlines())
-  one, four = program(1), program(4)
-  assert one[0] > 0 and one == four
+  two, four = program(2), program(4)
+  assert two[0] > 0 and two == four
 
 
 def test_guidance_schedule_and_interval():

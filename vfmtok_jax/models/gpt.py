@@ -18,20 +18,23 @@ neither the training step's nor the decoder's compile time grows with depth.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vfmtok_jax.models import layers
 from vfmtok_jax.models import rope as rope_lib
 from vfmtok_jax.ops import matmul as matmul_lib
 
 Dtype = Any
-# {"k", "v"}: (num_layers, B, num_kv_heads, max_len, head_dim) in the compute dtype; heads
-# before positions, so attention reads it as a batched matmul without a transpose.
-Cache = dict
+# {"k", "v"}: (num_layers, B, num_kv_heads, max_len, head_dim) in the compute dtype, or a tuple
+# of num_layers such dicts without the layer axis (`init_cache(per_layer=True)`); heads before
+# positions, so attention reads it as a batched matmul without a transpose.
+Cache = dict | tuple
 
 
 def _batch_sharded(x: jax.Array) -> jax.Array:
@@ -77,14 +80,19 @@ def _dense(features, axes, dtype, name):
 
 
 class Block(nn.Module):
-  """One transformer block; the carry of the layer scan is the residual stream.
+  """One transformer block; the carry of the layer loop is the residual stream.
 
-  Call: `(x, layer_cache, rope, mask, start) -> (x, new_kv)` with x (B, S, dim), layer_cache
-  None or {"k", "v"} (B, kv_heads, max_len, head_dim) holding positions < start (read only),
-  rope (S, head_dim / 2, 2), mask the bool causal mask among the S inputs (1, 1, S, S), start
-  the position of x's first input. new_kv is {"k", "v"} (B, kv_heads, S, head_dim) for the
-  caller to write at `start` (so the cache is written once per call, in place, not copied per
-  layer).
+  Call: `(x, layer_cache, rope, mask, start) -> (x, kv)` with x (B, S, dim), rope
+  (S, head_dim / 2, 2), mask the bool causal mask among the S inputs (1, 1, S, S), start the
+  position of x's first input, and layer_cache None (teacher forcing; kv None) or this layer's
+  {"k", "v"} (B, kv_heads, max_len, head_dim). Two ways to decode with it:
+    * `writes_cache` (per-layer caches): the block writes its S new keys and values at `start`
+      first, then attends over the cache; kv is the updated cache. Only ever read after its
+      update, the cache is updated in place (reading the old cache beside the update made
+      XLA:CPU copy it at every token).
+    * otherwise (a slice of the stacked cache under the layer scan, read only): the block attends
+      over the cached positions < start and its new ones; kv is the new {"k", "v"}
+      (B, kv_heads, S, head_dim) for the caller to write after the loop, once.
   """
   dim: int
   num_heads: int
@@ -96,6 +104,7 @@ class Block(nn.Module):
   ffn_dropout: float = 0.0
   deterministic: bool = True
   dtype: Dtype = jnp.float32
+  writes_cache: bool = False
 
   @nn.compact
   def __call__(self, x, layer_cache, rope, mask, start):
@@ -110,44 +119,43 @@ class Block(nn.Module):
     q = rope_lib.apply_rope(q.reshape(b, s, self.num_heads, hd), rope)
     k = rope_lib.apply_rope(k.reshape(b, s, self.num_kv_heads, hd), rope).transpose(0, 2, 1, 3)
     v = v.reshape(b, s, self.num_kv_heads, hd).transpose(0, 2, 1, 3)
+    kv = {"k": k, "v": v}
+    # Segments of keys, values and their keep-mask, attended to under one softmax: two
+    # products rather than a concatenation of the old cache and the new keys (a copy per call).
+    segments = [(k, v, mask)]
+    if layer_cache is not None and self.writes_cache:
+      kv = {n: jax.lax.dynamic_update_slice(
+          layer_cache[n], kv[n].astype(layer_cache[n].dtype), (0, 0, start, 0)) for n in kv}
+      positions = jnp.arange(layer_cache["k"].shape[2])
+      segments = [(kv["k"], kv["v"], positions <= start + jnp.arange(s)[:, None])]
+    elif layer_cache is not None:
+      cached = jnp.arange(layer_cache["k"].shape[2]) < start
+      segments.insert(0, (layer_cache["k"], layer_cache["v"], cached))
     # Grouped attention: query head j reads kv head j // groups (torch repeat_interleave).
     qg = q.reshape(b, s, self.num_kv_heads, groups, hd).astype(self.dtype)
-    scale = hd ** -0.5
-
-    def scores(keys):
-      return jnp.einsum("bqkgd,bksd->bkgqs", qg, keys.astype(self.dtype),
-                        preferred_element_type=jnp.float32) * scale
-
     neg = jnp.finfo(jnp.float32).min
-    logits = jnp.where(mask[:, :, None], scores(k), neg)            # the S new keys
-    if layer_cache is not None:                                     # + the cached positions
-      cached = jnp.arange(layer_cache["k"].shape[2]) < start
-      logits = jnp.concatenate(
-          [jnp.where(cached, scores(layer_cache["k"]), neg), logits], axis=-1)
+    logits = jnp.concatenate([jnp.where(
+        keep.reshape((1,) * (5 - keep.ndim) + keep.shape),
+        jnp.einsum("bqkgd,bksd->bkgqs", qg, keys.astype(self.dtype),
+                   preferred_element_type=jnp.float32) * hd ** -0.5, neg)
+                              for keys, _, keep in segments], axis=-1)
     probs = jax.nn.softmax(logits, axis=-1)
     if self.attn_dropout > 0 and not self.deterministic:
       probs = nn.Dropout(self.attn_dropout)(probs, deterministic=False)
-
-    def mix(p, vals):
-      return jnp.einsum("bkgqs,bksd->bqkgd", p.astype(self.dtype), vals.astype(self.dtype),
-                        preferred_element_type=jnp.float32)
-
-    if layer_cache is None:
-      out = mix(probs, v)
-    else:  # two products, not a concatenation (which would copy the cache every call)
-      n_cached = layer_cache["v"].shape[2]
-      out = mix(probs[..., :n_cached], layer_cache["v"]) + mix(probs[..., n_cached:], v)
-    out = out.astype(self.dtype)
+    splits = np.cumsum([values.shape[2] for _, values, _ in segments])[:-1]
+    out = functools.reduce(jnp.add, (
+        jnp.einsum("bkgqs,bksd->bqkgd", p.astype(self.dtype), values.astype(self.dtype),
+                   preferred_element_type=jnp.float32)
+        for p, (_, values, _) in zip(jnp.split(probs, splits, axis=-1), segments)))
     out = _dense(self.dim, ("heads_merged", "embed"), self.dtype, "wo")(
-        out.reshape(b, s, self.num_heads * hd))
+        out.astype(self.dtype).reshape(b, s, self.num_heads * hd))
     x = x + nn.Dropout(self.resid_dropout)(out, deterministic=self.deterministic)
     h = RMSNorm(self.norm_eps, self.dtype, name="ffn_norm")(x)
     gate = _dense(self.ffn_hidden, ("embed", "mlp"), self.dtype, "w1")(h)
     up = _dense(self.ffn_hidden, ("embed", "mlp"), self.dtype, "w3")(h)
     ffn = _dense(self.dim, ("mlp", "embed"), self.dtype, "w2")(nn.silu(gate) * up)
     x = x + nn.Dropout(self.ffn_dropout)(ffn, deterministic=self.deterministic)
-    new_kv = None if layer_cache is None else {"k": k, "v": v}
-    return _batch_sharded(x), new_kv
+    return _batch_sharded(x), None if layer_cache is None else kv
 
 
 class GPT(nn.Module):
@@ -239,22 +247,32 @@ class GPT(nn.Module):
                   self.attn_dropout, self.resid_dropout, self.ffn_dropout, deterministic,
                   self.dtype)
     block = nn.remat(Block, prevent_cse=False) if self.remat and cache is None else Block
-    # Decoding loops over the layers one at a time whatever `scan_unroll` says: unrolled, XLA:CPU
-    # copied every layer's slice of the stacked cache at every token (decode profile, README).
-    unroll = self.scan_unroll if cache is None else 1
-    stack = nn.scan(block, variable_axes={"params": 0},
-                    split_rngs={"params": True, "dropout": True},
-                    in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
-                    length=self.num_layers, unroll=unroll,
-                    metadata_params={nn.PARTITION_NAME: "layers"})
-    # Each layer reads its slice of the stacked cache; the S new keys and values of all layers
-    # come out of the scan stacked, and are written into the cache once, after it (in place
-    # when the cache is a loop carry or donated).
-    x, new_kv = stack(*block_args, name="layers")(x, cache, rope, mask, start)
-    new_cache = None
-    if cache is not None:
-      new_cache = {n: jax.lax.dynamic_update_slice(
-          cache[n], new_kv[n].astype(cache[n].dtype), (0, 0, 0, start, 0)) for n in ("k", "v")}
+    if isinstance(cache, (list, tuple)):
+      # Per-layer weights (`unstack_layers`) and caches, no loop: XLA:CPU copies a layer's slice
+      # of a stacked array at every layer and token (decode profile, README).
+      new_cache = []
+      for i, layer_cache in enumerate(cache):
+        x, layer_cache = block(*block_args, writes_cache=True, name=f"layers_{i}")(
+            x, layer_cache, rope, mask, start)
+        new_cache.append(layer_cache)
+      new_cache = tuple(new_cache)
+    else:
+      # Decoding loops over the layers one at a time whatever `scan_unroll` says. Each layer
+      # reads its slice of the stacked cache; the S new keys and values of all layers come out
+      # of the scan stacked, and are written into the cache once, after it (in place when the
+      # cache is a loop carry or donated).
+      unroll = self.scan_unroll if cache is None else 1
+      stack = nn.scan(block, variable_axes={"params": 0},
+                      split_rngs={"params": True, "dropout": True},
+                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                      length=self.num_layers, unroll=unroll,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+      x, new_kv = stack(*block_args, name="layers")(x, cache, rope, mask, start)
+      new_cache = None
+      if cache is not None:
+        new_cache = {n: jax.lax.dynamic_update_slice(
+            cache[n], new_kv[n].astype(cache[n].dtype), (0, 0, 0, start, 0))
+                     for n in ("k", "v")}
     x = RMSNorm(self.norm_eps, self.dtype, name="norm")(x)
     head = self.param("output", layers.logical(nn.initializers.zeros, ("embed", "vocab")),
                       (self.dim, self.vocab_size), jnp.float32)
@@ -264,11 +282,28 @@ class GPT(nn.Module):
     return _batch_sharded(logits), new_cache
 
 
-def init_cache(model: GPT, batch: int, max_len: int | None = None) -> Cache:
-  """Zero KV cache for `batch` rows and `max_len` positions (default 1 + block_size)."""
+def init_cache(model: GPT, batch: int, max_len: int | None = None, *,
+               per_layer: bool = False) -> Cache:
+  """Zero KV cache for `batch` rows and `max_len` positions (default 1 + block_size): stacked
+  {"k", "v"} (num_layers, batch, kv_heads, max_len, head_dim), or with `per_layer` a tuple of
+  num_layers such dicts without the layer axis (decoding with `unstack_layers` params)."""
   max_len = model.block_size + 1 if max_len is None else max_len
-  shape = (model.num_layers, batch, model.num_kv_heads, max_len, model.head_dim)
-  return {n: jnp.zeros(shape, model.dtype) for n in ("k", "v")}
+  shape = (batch, model.num_kv_heads, max_len, model.head_dim)
+  if per_layer:
+    return tuple({n: jnp.zeros(shape, model.dtype) for n in ("k", "v")}
+                 for _ in range(model.num_layers))
+  return {n: jnp.zeros((model.num_layers,) + shape, model.dtype) for n in ("k", "v")}
+
+
+def unstack_layers(params):
+  """Params with the scanned `layers` (leading num_layers axis) split into `layers_0`,
+  `layers_1`, ...: the layout a per-layer cache (`init_cache(per_layer=True)`) decodes with."""
+  params = dict(params)
+  stacked = params.pop("layers")
+  num_layers = jax.tree.leaves(stacked)[0].shape[0]
+  for i in range(num_layers):
+    params[f"layers_{i}"] = jax.tree.map(lambda w, i=i: w[i], stacked)
+  return params
 
 
 def num_params(params) -> int:

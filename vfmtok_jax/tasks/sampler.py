@@ -82,6 +82,14 @@ def cast_for_sampling(model: gpt_lib.GPT, params):
       lambda path, w: w if path[-1].key == "scale" else w.astype(model.dtype), params)
 
 
+def decodes_per_layer(model: gpt_lib.GPT) -> bool:
+  """Whether `generate` decodes on per-layer weights and caches (`gpt.unstack_layers`): when the
+  model's layer loop is unrolled (CPU by default, `gpt_io.layer_loop_unroll`). XLA:CPU copies a
+  layer's slice of the stacked weights and cache at every token; TPU and GPU read the slice in
+  place and keep one loop over the layers, so compile time does not grow with depth."""
+  return model.scan_unroll >= model.num_layers
+
+
 def decode_token(params, cache, prev, n, key, row_ids, scales, guided_tokens, temperature, *,
                  model: gpt_lib.GPT, guided: bool, top_k: int, top_p: float):
   """One decode step: token n of every row from token n - 1 (`prev`, (B,)) and the cache.
@@ -113,8 +121,11 @@ def _generate(params, labels, row_ids, key, scales, guided_tokens, temperature, 
   t = model.block_size
   rows = jnp.concatenate([labels, jnp.full_like(labels, model.null_class)]) if guided \
       else labels
-  cache = gpt_lib.init_cache(model, rows.shape[0], t)
+  per_layer = decodes_per_layer(model)
+  cache = gpt_lib.init_cache(model, rows.shape[0], t, per_layer=per_layer)
   params = cast_for_sampling(model, params)
+  if per_layer:
+    params = gpt_lib.unstack_layers(params)
 
   logits, cache = model.apply({"params": params}, None, rows, cache=cache, start=0)
   first_logits = _guide(logits[:, -1], 0, scales, guided_tokens, guided)
