@@ -40,8 +40,7 @@ def get_config(arg=None):
   c.lpips_lin = ""
   c.grid_images = 8
   if arg.demo:
-    c.input.update(dataset="demo", demo_eval_crops=arg.crops_per_photo, demo_eval_seed=0,
-                   num_workers=2)
+    c.input.update(dataset="demo", demo_eval_crops=arg.crops_per_photo, demo_eval_seed=0)
     c.batch_size = 16
     c.eval_size = 0
     c.inception = "off"

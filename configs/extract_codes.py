@@ -30,8 +30,7 @@ def get_config(arg=None):
   c.num_shards = 64
   c.batch_size = 64  # per shard reader and tokenizer call
   if arg.demo:
-    c.input.update(dataset="demo", demo_eval_crops=arg.crops_per_photo, demo_eval_seed=0,
-                   num_workers=2)
+    c.input.update(dataset="demo", demo_eval_crops=arg.crops_per_photo, demo_eval_seed=0)
     c.split = "validation"  # the demo's fixed crops (its only deterministic split)
     c.num_shards = 4
     c.batch_size = 32

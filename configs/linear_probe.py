@@ -31,7 +31,7 @@ def get_config(arg=None):
   c.num_classes = 0
   c.batch_size = 64
   if arg.demo:
-    c.train_input.update(dataset="demo", demo_eval_crops=32, demo_eval_seed=11, num_workers=2)
-    c.eval_input.update(dataset="demo", demo_eval_crops=8, demo_eval_seed=12, num_workers=2)
+    c.train_input.update(dataset="demo", demo_eval_crops=32, demo_eval_seed=11)
+    c.eval_input.update(dataset="demo", demo_eval_crops=8, demo_eval_seed=12)
     c.batch_size = 32
   return common.locked(c)

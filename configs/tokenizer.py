@@ -132,7 +132,7 @@ def get_config(arg=None):
     c.vfm.size = 112
     c.model.update(DEMO_MODEL)
     c.image_size = 64
-    c.input.update(dataset="demo", image_size=64, num_workers=2)
+    c.input.update(dataset="demo", image_size=64)
     c.optim.update(lr=1e-3, warmup_steps=50, decay="cosine")
     c.ema_decay = 0.99
     c.batch_size = 8
@@ -144,7 +144,6 @@ def get_config(arg=None):
     c.export_ema = False
     c.ckpt_every = 200
     c.keep_every = 0
-    c.input.num_workers = 2
     c.loss.perceptual_weight = 0.0  # no VGG16 weights offline
     c.disc.enabled = False          # no DINO ViT-S/16 weights offline
     # 8 crops x 64 queries = 512 codes chosen per step for 1,024 codes: seed them from data and

@@ -77,7 +77,7 @@ def test_train_and_eval_transform_shapes_ranges_flip():
 # ----------------------------------------------------------------------------------------------
 
 def _demo_cfg(**kw):
-  return ip.default_input_config("demo", image_size=S, num_workers=2, **kw)
+  return ip.default_input_config("demo", image_size=S, **kw)
 
 
 def _take(it, n):
@@ -100,9 +100,9 @@ def test_demo_labels_are_photo_indices():
   assert b["image"].shape == (n, S, S, 3) and b["image"].dtype == np.float32
   assert b["label"].dtype == np.int32 and -1 <= b["image"].min() and b["image"].max() <= 1
   assert sorted(b["label"].tolist()) == list(range(n))  # epoch 0 = a permutation of the photos
-  # The image of label p is photo p's crop, its randomness from (seed, epoch, photo index).
+  # The image of label p is photo p's crop, its randomness from (seed, stream position).
   p = int(b["label"][0])
-  rng = np.random.default_rng([0, ip._AUG, 0, p])
+  rng = np.random.default_rng([0, ip._AUG, 0])
   np.testing.assert_array_equal(b["image"][0], transforms.train_transform(
       ip._demo_photos()[p][1], S, rng))
 
@@ -165,8 +165,8 @@ def test_unknown_dataset_forms():
   with pytest.raises(ValueError, match="no_such_dataset_xyz"):
     ip.make_train_iterator(ip.default_input_config("tfds:no_such_dataset_xyz"),
                            global_batch_size=2, seed=0)
-  with pytest.raises(KeyError, match="shufle_buffer"):
-    ip.default_input_config("demo", shufle_buffer=3)
+  with pytest.raises(KeyError, match="num_worker"):
+    ip.default_input_config("demo", num_worker=3)
 
 
 def test_batch_not_divisible_by_processes():
@@ -244,7 +244,7 @@ def _values(batch):
 def test_folder_source_restore_and_shards(tmp_path):
   ids = _write_folder(tmp_path, {"cat": 4, "dog": 3, "eel": 3})
   _write_folder(tmp_path, {"cat": 2, "dog": 2}, split="val", start=10)
-  cfg = ip.default_input_config(f"folder:{tmp_path}", image_size=S, num_workers=1)
+  cfg = ip.default_input_config(f"folder:{tmp_path}", image_size=S)
   it = ip.make_train_iterator(cfg, global_batch_size=10, seed=0)
   b = next(it)
   names = ["cat", "dog", "eel"]
@@ -268,7 +268,7 @@ def test_folder_corrupt_image(tmp_path):
   _write_folder(tmp_path, {"a": 3, "b": 2})
   bad = tmp_path / "train" / "b" / "broken.jpg"
   bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
-  cfg = ip.default_input_config(f"folder:{tmp_path}", image_size=S, num_workers=1)
+  cfg = ip.default_input_config(f"folder:{tmp_path}", image_size=S)
   with pytest.raises(ip.CorruptImageError, match="broken.jpg"):
     next(ip.make_train_iterator(cfg, global_batch_size=6, seed=0))
   cfg.skip_corrupt = True
@@ -290,7 +290,7 @@ def test_folder_corrupt_image(tmp_path):
 def test_tfds_mock_restore(dataset):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   with tfds.testing.mock_data(num_examples=10):
-    cfg = ip.default_input_config(dataset, image_size=S, num_workers=1, shuffle_buffer=8)
+    cfg = ip.default_input_config(dataset, image_size=S)
     full = _take(ip.make_train_iterator(cfg, global_batch_size=4, seed=1), 6)  # 2.4 epochs
     for b in full:
       assert b["image"].shape == (4, S, S, 3) and b["label"].dtype == np.int32
@@ -327,24 +327,87 @@ def tiny_tfds(tmp_path_factory):
         yield i, {"image": np.full((20 + i, 30, 3), 10 * i, np.uint8), "label": i % 3}
 
   data_dir = str(tmp_path_factory.mktemp("tfds"))
-  VfmtokTinyImages(data_dir=data_dir).download_and_prepare()
-  return data_dir
+  VfmtokTinyImages(data_dir=data_dir).download_and_prepare(file_format="array_record")
+  tfrecord_dir = str(tmp_path_factory.mktemp("tfds_tfrecord"))
+  VfmtokTinyImages(data_dir=tfrecord_dir).download_and_prepare()
+  return data_dir, tfrecord_dir
 
 
-def test_tfds_even_splits_per_process(tiny_tfds):
-  cfg = ip.default_input_config("tfds:vfmtok_tiny_images", image_size=S, data_dir=tiny_tfds,
-                                eval_split="train", num_workers=1, shuffle_buffer=64)
+def test_tfds_array_record_source(tiny_tfds):
+  data_dir, tfrecord_dir = tiny_tfds
+  cfg = ip.default_input_config("tfds:vfmtok_tiny_images", image_size=S, data_dir=data_dir,
+                                eval_split="train")
   shards, nb = [], set()
   for pi in range(3):
     ev = ip.make_eval_batches(cfg, global_batch_size=6, process_index=pi, process_count=3)
     shards.append([v for b in ev for v in _values(b)])
     nb.add(ev.num_batches)
-    it = ip.make_train_iterator(cfg, global_batch_size=3, seed=0, process_index=pi,
-                                process_count=3)
-    epoch0 = [v for b in _take(it, it.num_local_examples) for v in _values(b)]
-    assert sorted(epoch0) == sorted(shards[-1])  # train epoch 0 = the same shard, reordered
   assert sorted(sum(shards, [])) == [10 * i for i in range(_TINY)]  # disjoint and covering
   assert len(nb) == 1
-  full = _take(ip.make_train_iterator(cfg, global_batch_size=6, seed=5), 6)
+  it = ip.make_train_iterator(cfg, global_batch_size=6, seed=5)
+  assert it.num_examples == _TINY
+  full = _take(it, 6)
+  stream = [v for b in full for v in _values(b)]
+  assert sorted(stream[:_TINY]) == [10 * i for i in range(_TINY)]  # epoch 0: each once
+  assert stream[_TINY:2 * _TINY] != stream[:_TINY]  # epoch 1: another order
   _assert_batches_equal(full[4:], _take(ip.make_train_iterator(
       cfg, global_batch_size=6, seed=5, start_step=4), 2))
+  cfg.data_dir = tfrecord_dir
+  with pytest.raises(ValueError, match="prepared as tfrecord.*--file_format=array_record"):
+    ip.make_train_iterator(cfg, global_batch_size=6, seed=5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Order at pod scale: process counts, restore cost, decoding workers.
+# ----------------------------------------------------------------------------------------------
+
+def _global_batches(cfg, processes: int, steps: int, start_step: int = 0, batch: int = 8):
+  """The global batches as `processes` hosts would assemble them (process-major)."""
+  its = [ip.make_train_iterator(cfg, global_batch_size=batch, seed=2, start_step=start_step,
+                                process_index=p, process_count=processes)
+         for p in range(processes)]
+  return [{k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
+          for parts in zip(*(_take(it, steps) for it in its))]
+
+
+def test_global_batches_do_not_depend_on_the_process_count():
+  """Global batch t is the same on 1, 2 and 4 hosts, and a run resumed at step k on another
+  host count continues the same stream (the demo's 12 photos: 4 steps span 2.7 epochs)."""
+  cfg = _demo_cfg()
+  one = _global_batches(cfg, 1, 4)
+  for processes in (2, 4):
+    _assert_batches_equal(one, _global_batches(cfg, processes, 4))
+  _assert_batches_equal(one[2:], _global_batches(cfg, 4, 2, start_step=2))
+  _assert_batches_equal(one[1:], _global_batches(cfg, 2, 3, start_step=1))
+
+
+class _CountingSource(ip._ListSource):  # pylint: disable=protected-access
+  def __init__(self, source):
+    super().__init__([source[i] for i in range(len(source))], source.load)
+    self.reads = 0
+
+  def __getitem__(self, index):
+    self.reads += 1
+    return super().__getitem__(index)
+
+
+@pytest.mark.parametrize("start_step", [10, 100_000])
+def test_restore_reads_only_the_first_batch(start_step):
+  """Resuming at step 100,000 costs what resuming at step 10 costs: the first batch's records
+  and nothing before them (synchronous reads, so nothing is read ahead either)."""
+  cfg = _demo_cfg(num_threads=0, prefetch=0)
+  source = _CountingSource(ip._open_source(cfg, train=True))  # pylint: disable=protected-access
+  ds = ip.train_dataset(cfg, source, global_batch_size=8, seed=2, start_step=start_step,
+                        process_index=1, process_count=2)
+  batch = next(iter(ds))
+  assert source.reads == 4 and batch["image"].shape[0] == 4
+  want = _global_batches(cfg, 1, 1, start_step=start_step)[0]
+  np.testing.assert_array_equal(batch["image"], want["image"][4:])
+
+
+def test_decoding_workers_give_the_same_batches():
+  cfg = _demo_cfg()
+  want = _take(ip.make_train_iterator(cfg, global_batch_size=4, seed=1, start_step=2), 3)
+  with ip.make_train_iterator(_demo_cfg(num_workers=2), global_batch_size=4, seed=1,
+                              start_step=2) as it:
+    _assert_batches_equal(want, _take(it, 3))

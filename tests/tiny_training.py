@@ -48,7 +48,6 @@ def tiny_config(directory, *, total_steps=4, **top):
                  pixel_ch=32, pixel_ch_mult=(1, 2))
   c.image_size = 16
   c.input.image_size = 16
-  c.input.num_workers = 1
   c.input.demo_eval_crops = 1
   c.batch_size = 8
   c.eval_batch_size = 8

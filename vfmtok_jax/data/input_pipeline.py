@@ -1,10 +1,10 @@
-"""Per-process input pipeline: train iterator (restorable by step) and padded eval batches.
+"""Per-process input pipeline on Grain: train batches (restorable by step) and padded eval batches.
 
-Pattern of big_vision `input_pipeline.py` / `datasets/tfds.py` (style guide 1.6, 8.4 item 10):
-each process reads its own even share of the split, the local batch is global // process_count,
-images are read encoded (`tfds.decode.SkipDecoding`) and decoded here with PIL so the reference's
-ADM crops (`transforms.py`) apply exactly and a corrupt image can be named. Batches become global
-arrays with `jax.make_array_from_process_local_data` when a sharding is given.
+Pattern of big_vision `input_pipeline.py` and MaxText's Grain pipeline (style guide 1.6, 8.4
+item 10): random-access sources read through `grain.MapDataset`, images decoded here with PIL so
+the reference's ADM crops (`transforms.py`) apply exactly and a corrupt image can be named.
+Batches become global arrays with `jax.make_array_from_process_local_data` when a sharding is
+given.
 
 Sources (`input.dataset`):
   "demo"            the offline photos of `demo_photos.py` (12 photos; label = photo index).
@@ -13,45 +13,49 @@ Sources (`input.dataset`):
                     (`center_crop_arr`), crops 1.. are ADM random crops (train scale range, no
                     flip) drawn once from `demo_eval_seed`. "Held out" means fixed and separate
                     from the random train stream; the pixels come from the same 12 photos.
-  "imagenet2012"    tfds imagenet2012 from `data_dir`. Must be prepared beforehand; see
-                    `prepare_dataset` (reads the two ImageNet tars from `manual_dir`).
-  "tfds:<name>"     any prepared tfds dataset with an `image` (tfds Image) and a `label` feature.
+  "imagenet2012"    tfds imagenet2012 from `data_dir`, prepared in ArrayRecord format (random
+                    access); see `prepare_dataset` (reads the two ImageNet tars from
+                    `manual_dir`).
+  "tfds:<name>"     any tfds dataset prepared in ArrayRecord format with an `image` (tfds Image)
+                    and a `label` feature (`tfds build <name> --file_format=array_record`).
   "folder:<path>"   an image folder in the layout of `tfds.folder_dataset.ImageFolder`:
                       <path>/<split>/<class_name>/<image>.{jpg,jpeg,png}
                     e.g. <path>/train/cat/001.jpg, <path>/val/dog/002.png. Labels are the class
                     names (union over the splits) sorted, numbered from 0.
 Nothing downloads: tfds builders are opened with `try_gcs=False` and never prepared implicitly.
 
-Order and restore. The train stream is a sequence of local epochs; epoch e is a permutation of
-the process's shard drawn from (seed, e, process_index): an exact permutation for demo and folder,
-for tfds a file shuffle plus a `tf.data` shuffle buffer of `shuffle_buffer` examples, both seeded
-with (seed, e, process_index) and not reshuffled. Batches run across epoch boundaries. The crop /
-flip randomness of an example comes from (seed, epoch, example key), the key being a hash of the
-tfds id or file path (the photo index for demo). So the number of batches produced is the whole
-state: `make_train_iterator(..., start_step=k)` jumps to local example k * local_batch, skipping
-encoded records (no decode) in its epoch, and yields exactly the batches an uninterrupted iterator
-yields from step k on. Skipping costs reading up to one epoch of encoded records on restore.
+Order and restore. The train stream is the whole split repeated, epoch e a permutation of it
+drawn from (seed, e) (Grain's `shuffle` then `repeat`); the crop / flip randomness of the example
+at stream position i comes from (seed, i), so from the example and its epoch. Global batch t is
+stream positions [t B, (t + 1) B); process p of P reads its contiguous part
+[t B + p B / P, t B + (p + 1) B / P). So the global batches depend on neither the process count
+nor the number of decoding workers, and a run resumed at step k on another host count continues
+the same stream. Restoring at step k reads nothing before batch k: the batch count is the whole
+iterator state (saved with each checkpoint by the training loop).
 
-Corrupt images raise `CorruptImageError` naming the example (file path, tfds id or photo). With
-`skip_corrupt=True` the example's slot in the batch is filled with a copy of the next good example
-of the same batch (so batch positions, hence restore, are unaffected) and counted in
+Decoding: `num_threads` threads per process prepare upcoming batches; `num_workers` > 0 moves
+them into that many worker processes (Grain's `mp_prefetch`), 0 keeps them in the training
+process (tests, the demo).
+
+Corrupt images raise `CorruptImageError` naming the example (file path, tfds record or photo).
+With `skip_corrupt=True` the example's slot in the batch is filled with a copy of the next good
+example of the same batch (so batch positions, hence restore, are unaffected) and counted in
 `TrainIterator.num_skipped` (this iterator's count since it was created); in eval such an example
 is masked out (`_mask=False`) and counted in `EvalBatches.num_skipped`.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
-import hashlib
 import io
-import itertools
 import logging
 import math
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
+from absl import flags
+import grain
 import jax
 import ml_collections
 from ml_collections import config_dict
@@ -63,7 +67,7 @@ from vfmtok_jax.data import transforms
 ACCEPTED_DATASETS = ("'demo'", "'imagenet2012'", "'tfds:<name>'", "'folder:<path>'")
 FOLDER_EXTS = (".jpg", ".jpeg", ".png")  # what tfds ImageFolder lists
 FOLDER_LAYOUT = "<path>/<split>/<class_name>/<image>.jpg|.jpeg|.png (e.g. <path>/train/cat/1.jpg)"
-_PERM, _AUG, _TFDS_SHUFFLE, _DEMO_EVAL = 1, 2, 3, 4  # tags that separate the seed streams
+_ORDER, _AUG, _DEMO_EVAL = 1, 2, 4  # tags that separate the seed streams
 
 
 class CorruptImageError(ValueError):
@@ -81,14 +85,11 @@ def default_input_config(dataset: str = "demo", image_size: int = 336,
     data_dir: tfds data dir (None: tfds' default, e.g. $TFDS_DATA_DIR).
     manual_dir: ImageNet tars for `prepare_dataset` only.
     image_size: output side S. min_crop_frac / max_crop_frac: ADM crop range. flip: hflip p=0.5.
-    shuffle_buffer: tfds shuffle buffer (encoded examples; ~110 kB each for ImageNet).
     skip_corrupt: skip (and count) unreadable images instead of stopping.
-    num_workers: threads that decode and crop (1 = in the calling thread).
+    num_workers: decoding worker processes per training process (0 = decode in the training
+      process). num_threads: threads preparing batches in each of them.
+    prefetch: batches prepared ahead per process.
     demo_eval_crops / demo_eval_seed: the demo's held-out crops per photo and their seed.
-    data_shards: how many shards the training stream is cut into (0 = one per process). With a
-      fixed count the global batches do not depend on how many processes read them (each
-      process reads data_shards / process_count shards), so a run can resume on another host
-      count with the same data order.
 
   Args:
     dataset: the `dataset` field.
@@ -100,7 +101,7 @@ def default_input_config(dataset: str = "demo", image_size: int = 336,
       eval_split="val" if dataset.startswith("folder:") else "validation",
       data_dir=config_dict.placeholder(str), manual_dir=config_dict.placeholder(str),
       image_size=image_size, min_crop_frac=0.8, max_crop_frac=1.0, flip=True,
-      shuffle_buffer=50_000, skip_corrupt=False, num_workers=4, data_shards=0,
+      skip_corrupt=False, num_workers=0, num_threads=4, prefetch=4,
       demo_eval_crops=2, demo_eval_seed=0))
   for k, v in overrides.items():
     if k not in cfg:
@@ -149,12 +150,6 @@ def shard_sizes(n: int, count: int) -> list[int]:
   return [hi - lo for lo, hi in (even_bounds(n, count, i) for i in range(count))]
 
 
-def _key(text: str | bytes) -> int:
-  """Stable 64-bit key of an example id (the augmentation seed's example part)."""
-  data = text.encode() if isinstance(text, str) else bytes(text)
-  return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
-
-
 def _seed32(*entropy: int) -> int:
   return int(np.random.SeedSequence([int(e) for e in entropy]).generate_state(1)[0])
 
@@ -170,35 +165,28 @@ def decode_image_bytes(data: bytes) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# Sources: a process's shard as records, in train (epoch-shuffled) or eval (fixed) order.
+# Sources: random access to one split's encoded examples, as Grain reads them.
 # ----------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class Record:
-  """One encoded example: `key` seeds its augmentation, `name` identifies it in errors."""
-  key: int
+class Example:
+  """One example as a source holds it: `name` identifies it in errors."""
   label: int
   name: str
-  data: Any  # encoded bytes (tfds), file path (folder), photo index or uint8 array (demo)
+  data: Any  # encoded bytes (tfds), file path (folder), uint8 (H, W, 3) array (demo)
 
 
-class _IndexedSource:
-  """A shard held as a list of records (demo, folder): exact per-epoch permutations."""
+class _ListSource:
+  """A split held as a list of examples (demo, folder), decoded by `load(example)`."""
 
-  def __init__(self, records: Sequence[Record], counts: Sequence[int], process_index: int,
-               load):
-    self.records, self.counts = list(records), list(counts)
-    self._pi, self._load = process_index, load
-    self.num_local = len(self.records)
+  def __init__(self, examples: Sequence[Example], load: Callable[[Example], np.ndarray]):
+    self._examples, self.load = list(examples), load
 
-  def iter_records(self, epoch: int, offset: int, seed: int, shuffle: bool) -> Iterator[Record]:
-    order = (np.random.default_rng([seed, _PERM, epoch, self._pi]).permutation(self.num_local)
-             if shuffle else np.arange(self.num_local))
-    for i in order[offset:]:
-      yield self.records[i]
+  def __len__(self) -> int:
+    return len(self._examples)
 
-  def load(self, rec: Record) -> np.ndarray:
-    return self._load(rec)
+  def __getitem__(self, index: int) -> Example:
+    return self._examples[index]
 
 
 @functools.lru_cache(maxsize=2)
@@ -227,23 +215,21 @@ def demo_eval_set(image_size: int, crops_per_photo: int, seed: int, min_crop_fra
   return np.stack(imgs), np.asarray(labels, np.int32)
 
 
-def _demo_source(cfg, train: bool, pi: int, pc: int) -> _IndexedSource:
+def _as_array(example: Example) -> np.ndarray:
+  return example.data
+
+
+def _demo_source(cfg, train: bool) -> _ListSource:
   photos = _demo_photos()
   if train:
-    records = [Record(key=i, label=i, name=f"demo photo {i} ({name})", data=i)
-               for i, (name, _) in enumerate(photos)]
-    load = lambda rec: photos[rec.data][1]
-  else:
-    crops, labels = demo_eval_set(cfg.image_size, cfg.demo_eval_crops, cfg.demo_eval_seed,
-                                  cfg.min_crop_frac, cfg.max_crop_frac)
-    per = cfg.demo_eval_crops
-    records = [Record(key=i, label=int(labels[i]),
-                      name=f"demo eval crop {i % per} of photo {photos[i // per][0]}",
-                      data=crops[i]) for i in range(len(labels))]
-    load = lambda rec: rec.data
-  n = len(records)
-  lo, hi = even_bounds(n, pc, pi)
-  return _IndexedSource(records[lo:hi], shard_sizes(n, pc), pi, load)
+    return _ListSource([Example(label=i, name=f"demo photo {i} ({name})", data=rgb)
+                        for i, (name, rgb) in enumerate(photos)], _as_array)
+  crops, labels = demo_eval_set(cfg.image_size, cfg.demo_eval_crops, cfg.demo_eval_seed,
+                                cfg.min_crop_frac, cfg.max_crop_frac)
+  per = cfg.demo_eval_crops
+  return _ListSource([Example(label=int(labels[i]),
+                              name=f"demo eval crop {i % per} of photo {photos[i // per][0]}",
+                              data=crops[i]) for i in range(len(labels))], _as_array)
 
 
 @functools.lru_cache(maxsize=1)
@@ -257,7 +243,12 @@ def _tf():
   return tf
 
 
-def _folder_source(root: str, split: str, pi: int, pc: int) -> _IndexedSource:
+def _read_file(example: Example) -> np.ndarray:
+  with open(example.data, "rb") as fh:
+    return decode_image_bytes(fh.read())
+
+
+def _folder_source(root: str, split: str) -> _ListSource:
   tf = _tf()
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   if not tf.io.gfile.isdir(root):
@@ -269,37 +260,30 @@ def _folder_source(root: str, split: str, pi: int, pc: int) -> _IndexedSource:
                      f"expected layout {FOLDER_LAYOUT}")
   label_ids = {name: i for i, name in enumerate(builder.info.features["label"].names)}
   split_dir = os.path.join(root, split)
-  records = []
+  examples = []
   for cls in sorted(d for d in tf.io.gfile.listdir(split_dir)
                     if tf.io.gfile.isdir(os.path.join(split_dir, d))):
     for f in sorted(tf.io.gfile.listdir(os.path.join(split_dir, cls))):
       if f.lower().endswith(FOLDER_EXTS):
         path = os.path.join(split_dir, cls, f)
-        records.append(Record(key=_key(f"{split}/{cls}/{f}"), label=label_ids[cls], name=path,
-                              data=path))
+        examples.append(Example(label=label_ids[cls], name=path, data=path))
   expected = builder.info.splits[split].num_examples
-  if len(records) != expected:
-    raise RuntimeError(f"listed {len(records)} images in {split_dir} but tfds ImageFolder "
+  if len(examples) != expected:
+    raise RuntimeError(f"listed {len(examples)} images in {split_dir} but tfds ImageFolder "
                        f"found {expected}")
-  if not records:
+  if not examples:
     raise ValueError(f"image folder split {split_dir} holds no images; layout {FOLDER_LAYOUT}")
-  lo, hi = even_bounds(len(records), pc, pi)
-
-  def load(rec):
-    with tf.io.gfile.GFile(rec.data, "rb") as fh:
-      return decode_image_bytes(fh.read())
-
-  return _IndexedSource(records[lo:hi], shard_sizes(len(records), pc), pi, load)
+  return _ListSource(examples, _read_file)
 
 
 def _not_prepared(name: str, data_dir: str | None) -> FileNotFoundError:
   where = data_dir or "tfds' default data dir ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
   how = (f"prepare it once (no network needed for imagenet2012): `tfds build imagenet2012 "
-         f"--manual_dir=<dir with ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar> "
-         f"--data_dir=<data_dir>` or `input_pipeline.prepare_dataset(cfg)` with "
-         f"input.manual_dir set" if name == "imagenet2012" else
+         f"--file_format=array_record --manual_dir=<dir with ILSVRC2012_img_train.tar, "
+         f"ILSVRC2012_img_val.tar> --data_dir=<data_dir>` or `input_pipeline.prepare_dataset(cfg)`"
+         f" with input.manual_dir set" if name == "imagenet2012" else
          f"prepare it on a machine with network access (`tfds build {name} "
-         f"--data_dir=<data_dir>`) and copy the data dir here")
+         f"--file_format=array_record --data_dir=<data_dir>`) and copy the data dir here")
   return FileNotFoundError(f"tfds dataset {name!r} is not prepared in {where}; {how}; then set "
                            f"input.data_dir. This pipeline never downloads.")
 
@@ -322,75 +306,55 @@ def _tfds_builder(name: str, data_dir: str | None):
 
 
 class _TfdsSource:
-  """A process's `tfds.even_splits` share, read encoded; shuffled by file order + buffer."""
+  """A split of a tfds dataset prepared in ArrayRecord format, read encoded, by index."""
 
-  def __init__(self, name: str, split: str, cfg, pi: int, pc: int):
+  def __init__(self, name: str, split: str, data_dir: str | None):
     _tf()
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    self._tfds, self._name, self._data_dir, self._pi = tfds, name, cfg.data_dir, pi
-    self._split_name = split
-    self._buffer = int(cfg.shuffle_buffer)
-    self._builder = _tfds_builder(name, cfg.data_dir)
-    subsplits = tfds.even_splits(split, pc)
-    self.split = subsplits[pi]
-    self.counts = [self._count(s) for s in subsplits]
-    self.num_local = self.counts[pi]
-
-  def _as_dataset(self, split, shuffle_files: bool, seed: int | None):
-    tfds = self._tfds
-    read_config = tfds.ReadConfig(shuffle_seed=seed, add_tfds_id=True, skip_prefetch=True,
-                                  try_autocache=False)
+    builder = _tfds_builder(name, data_dir)
+    self._label = f"tfds {name} {split}"
     try:
-      return self._builder.as_dataset(split=split, shuffle_files=shuffle_files,
-                                      decoders={"image": tfds.decode.SkipDecoding()},
-                                      read_config=read_config)
-    except AssertionError as e:  # tfds: "could not find data in ..."
-      raise _not_prepared(self._name, self._data_dir) from e
+      self._source = builder.as_data_source(
+          split=split, decoders={"image": tfds.decode.SkipDecoding()})
+    except (NotImplementedError, AssertionError, FileNotFoundError) as e:
+      # tfds: no random access for this file format, or no data where it looked.
+      if not builder.is_prepared():
+        raise _not_prepared(name, data_dir) from e
+      file_format = getattr(builder.info.file_format, "value", builder.info.file_format)
+      raise ValueError(
+          f"tfds dataset {name!r} in {builder.data_dir} is prepared as {file_format}, which "
+          f"has no random access; re-prepare it in ArrayRecord format: `tfds build {name} "
+          f"--file_format=array_record --data_dir=<data_dir>` (imagenet2012: "
+          f"`input_pipeline.prepare_dataset`)") from e
     except ValueError as e:  # unknown split and the like
-      raise ValueError(f"tfds dataset {self._name!r}, split {self._split_name!r}: {e}") from e
+      raise ValueError(f"tfds dataset {name!r}, split {split!r}: {e}") from e
 
-  def _count(self, split) -> int:
-    try:
-      return int(self._builder.info.splits[split].num_examples)
-    except Exception:  # pylint: disable=broad-except  # e.g. splits not known (mocked tfds)
-      n = int(self._as_dataset(split, False, None).cardinality())
-      if n < 0:
-        raise RuntimeError(f"cannot count the examples of tfds {self._name} {split}") from None
-      return n
+  def __len__(self) -> int:
+    return len(self._source)
 
-  def iter_records(self, epoch: int, offset: int, seed: int, shuffle: bool) -> Iterator[Record]:
-    tf = _tf()
-    s = _seed32(seed, _TFDS_SHUFFLE, epoch, self._pi) if shuffle else None
-    ds = self._as_dataset(self.split, shuffle, s)
-    ds = ds.map(lambda ex: {"image": ex["image"], "label": ex["label"], "id": ex["tfds_id"]})
-    if shuffle:
-      ds = ds.shuffle(self._buffer, seed=s, reshuffle_each_iteration=False)
-    if offset:
-      ds = ds.skip(offset)
-    options = tf.data.Options()
-    options.deterministic = True
-    ds = ds.with_options(options).prefetch(256)
-    for ex in ds.as_numpy_iterator():
-      tid = ex["id"].decode()
-      yield Record(key=_key(tid), label=int(ex["label"]), name=f"tfds {self._name} example {tid}",
+  def __getitem__(self, index: int) -> Example:
+    ex = self._source[index]
+    return Example(label=int(ex["label"]), name=f"{self._label} record {index}",
                    data=ex["image"])
 
-  def load(self, rec: Record) -> np.ndarray:
-    return decode_image_bytes(rec.data)
+  @staticmethod
+  def load(example: Example) -> np.ndarray:
+    return decode_image_bytes(example.data)
 
 
-def _open_source(cfg, *, train: bool, pi: int, pc: int):
+def _open_source(cfg, *, train: bool):
   kind, arg = parse_dataset(cfg.dataset)
   split = cfg.split if train else cfg.eval_split
   if kind == "demo":
-    return _demo_source(cfg, train, pi, pc)
+    return _demo_source(cfg, train)
   if kind == "folder":
-    return _folder_source(arg, split, pi, pc)
-  return _TfdsSource(arg, split, cfg, pi, pc)
+    return _folder_source(arg, split)
+  return _TfdsSource(arg, split, cfg.data_dir)
 
 
 def prepare_dataset(cfg) -> None:
-  """Prepares imagenet2012 in `cfg.data_dir` from the tars in `cfg.manual_dir` (no download).
+  """Prepares imagenet2012 in `cfg.data_dir`, in ArrayRecord format, from the tars in
+  `cfg.manual_dir` (no download).
 
   Run once, on one machine, before training. Other tfds datasets are refused: preparing them
   would download.
@@ -404,8 +368,9 @@ def prepare_dataset(cfg) -> None:
     raise ValueError("set input.manual_dir to the folder holding ILSVRC2012_img_train.tar and "
                      "ILSVRC2012_img_val.tar")
   builder = _tfds_builder(name, cfg.data_dir)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=cfg.manual_dir, try_download_gcs=False))
+  builder.download_and_prepare(file_format="array_record",
+                               download_config=tfds.download.DownloadConfig(
+                                   manual_dir=cfg.manual_dir, try_download_gcs=False))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -431,31 +396,69 @@ def _input_cfg(cfg):
   return cfg.input if "dataset" not in cfg and "input" in cfg else cfg
 
 
-class _Worker:
-  """Runs the decode + transform of records, in a thread pool when num_workers > 1."""
-
-  def __init__(self, num_workers: int):
-    self._pool = (concurrent.futures.ThreadPoolExecutor(num_workers, "vfmtok-input")
-                  if num_workers > 1 else None)
-
-  def map(self, fn, items):
-    """fn(item) for each item, in order; an exception is returned in place of the result."""
-    def safe(item):
-      try:
-        return fn(item)
-      except Exception as e:  # pylint: disable=broad-except  # reported by the caller
-        return e
-    return list(self._pool.map(safe, items)) if self._pool else [safe(i) for i in items]
-
-  def close(self):
-    if self._pool is not None:
-      self._pool.shutdown(wait=False, cancel_futures=True)
-      self._pool = None
+def _corrupt_error(name: str, error: str) -> CorruptImageError:
+  return CorruptImageError(f"corrupt image: {name}: {error} (set input.skip_corrupt=True to "
+                           "skip such images)")
 
 
-def _corrupt_error(rec: Record, e: BaseException) -> CorruptImageError:
-  return CorruptImageError(f"corrupt image: {rec.name}: {type(e).__name__}: {e} (set "
-                           "input.skip_corrupt=True to skip such images)")
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+  """An example after decoding and cropping: `image` (S, S, 3) float32, or None with `error`."""
+  image: np.ndarray | None
+  label: int
+  name: str
+  error: str = ""
+
+
+class _TrainTransform:
+  """(stream position, example) -> `_Prepared`: decode, then the ADM random crop and flip drawn
+  from (seed, position). A picklable class, so decoding workers can run it."""
+
+  def __init__(self, load, seed: int, cfg):
+    self._load, self._seed = load, seed
+    self._size, self._fracs, self._flip = (int(cfg.image_size),
+                                           (cfg.min_crop_frac, cfg.max_crop_frac),
+                                           bool(cfg.flip))
+
+  def __call__(self, position: int, example: Example) -> _Prepared:
+    try:
+      rgb = self._load(example)
+    except Exception as e:  # pylint: disable=broad-except  # reported by the batch
+      return _Prepared(None, example.label, example.name, f"{type(e).__name__}: {e}")
+    rng = np.random.default_rng([self._seed, _AUG, position])
+    return _Prepared(transforms.train_transform(
+        rgb, self._size, rng, min_crop_frac=self._fracs[0], max_crop_frac=self._fracs[1],
+        flip=self._flip), example.label, example.name)
+
+
+class _TrainBatch:
+  """A list of `_Prepared` -> {'image', 'label', '_skipped'}; a corrupt example stops with its
+  name, or with `skip_corrupt` takes a copy of the next good example of the batch (positions
+  unchanged, so restore stays exact) and is counted in '_skipped'."""
+
+  def __init__(self, skip_corrupt: bool):
+    self._skip = skip_corrupt
+
+  def __call__(self, items: Sequence[_Prepared]) -> dict:
+    items = list(items)
+    bad = [i for i, it in enumerate(items) if it.image is None]
+    if bad and not self._skip:
+      raise _corrupt_error(items[bad[0]].name, items[bad[0]].error)
+    good = [i for i in range(len(items)) if items[i].image is not None]
+    if bad and not good:
+      raise CorruptImageError(f"every image of a local batch is unreadable, e.g. "
+                              f"{items[0].name}: {items[0].error}")
+    for i in bad:
+      logging.warning("skipping corrupt image %s: %s", items[i].name, items[i].error)
+      items[i] = items[next((g for g in good if g > i), good[0])]
+    return {"image": np.stack([it.image for it in items]),
+            "label": np.asarray([it.label for it in items], np.int32),
+            "_skipped": np.int64(len(bad))}
+
+
+def _read_options(cfg) -> grain.ReadOptions:
+  return grain.ReadOptions(num_threads=int(cfg.num_threads),
+                           prefetch_buffer_size=int(cfg.prefetch))
 
 
 class TrainIterator:
@@ -463,73 +466,51 @@ class TrainIterator:
 
   Yields {'image': (B, S, S, 3) float32 in [-1, 1], 'label': (B,) int32}, B = the local batch
   (numpy), or global jax arrays of the global batch when built with a sharding.
-  Attributes: step, num_skipped, local_batch_size, num_local_examples.
+  Attributes: step, num_skipped, local_batch_size, num_examples (of the split).
   """
 
-  def __init__(self, source, cfg, *, local_batch_size: int, seed: int, start_step: int,
-               sharding=None):
-    if seed < 0 or start_step < 0:
-      raise ValueError(f"seed ({seed}) and start_step ({start_step}) must be >= 0")
-    self._source, self._sharding, self._seed = source, sharding, int(seed)
-    self._size, self._fracs = int(cfg.image_size), (cfg.min_crop_frac, cfg.max_crop_frac)
-    self._flip, self._skip = bool(cfg.flip), bool(cfg.skip_corrupt)
-    self.local_batch_size, self.num_local_examples = local_batch_size, source.num_local
+  def __init__(self, dataset: grain.IterDataset, *, start_step: int, local_batch_size: int,
+               num_examples: int, sharding=None):
+    self._iter, self._sharding = iter(dataset), sharding
     self.step, self.num_skipped = int(start_step), 0
-    self._worker = _Worker(int(cfg.num_workers))
-    self._stream = self._records(self.step * local_batch_size)
-
-  def _records(self, position: int) -> Iterator[tuple[int, Record]]:
-    n = self.num_local_examples
-    epoch, offset = divmod(position, n)
-    while True:
-      count = offset
-      for rec in self._source.iter_records(epoch, offset, self._seed, shuffle=True):
-        yield epoch, rec
-        count += 1
-      if count != n:
-        raise RuntimeError(f"epoch {epoch} of the local shard held {count} examples, expected "
-                           f"{n}: the dataset changed while reading")
-      epoch, offset = epoch + 1, 0
-
-  def _transform(self, item):
-    epoch, rec = item
-    rgb = self._source.load(rec)
-    rng = np.random.default_rng([self._seed, _AUG, epoch, rec.key])
-    return transforms.train_transform(rgb, self._size, rng, min_crop_frac=self._fracs[0],
-                                      max_crop_frac=self._fracs[1], flip=self._flip)
+    self.local_batch_size, self.num_examples = local_batch_size, num_examples
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict:
-    items = list(itertools.islice(self._stream, self.local_batch_size))
-    outs = self._worker.map(self._transform, items)
-    labels = [rec.label for _, rec in items]
-    bad = [i for i, o in enumerate(outs) if isinstance(o, Exception)]
-    if bad:
-      if not self._skip:
-        raise _corrupt_error(items[bad[0]][1], outs[bad[0]]) from outs[bad[0]]
-      good = [i for i in range(len(outs)) if i not in set(bad)]
-      if not good:
-        raise CorruptImageError(f"every image of local batch {self.step} is unreadable, e.g. "
-                                f"{items[0][1].name}: {outs[0]}")
-      for i in bad:
-        logging.warning("skipping corrupt image %s: %s", items[i][1].name, outs[i])
-        j = next((g for g in good if g > i), good[0])
-        outs[i], labels[i] = outs[j], labels[j]
-      self.num_skipped += len(bad)
-    batch = {"image": np.stack(outs), "label": np.asarray(labels, np.int32)}
+    batch = dict(next(self._iter))
+    self.num_skipped += int(batch.pop("_skipped"))
     self.step += 1
     return to_global(batch, self._sharding)
 
   def close(self):
-    self._worker.close()
+    close = getattr(self._iter, "close", None)
+    if close is not None:
+      close()
 
   def __enter__(self):
     return self
 
   def __exit__(self, *exc):
     self.close()
+
+
+def train_dataset(cfg, source, *, global_batch_size: int, seed: int, start_step: int,
+                  process_index: int, process_count: int) -> grain.IterDataset:
+  """This process's local batches from global batch `start_step` on (see the module docstring:
+  global batch t is stream positions [t B, (t + 1) B), the process's part contiguous)."""
+  local = _local_batch(global_batch_size, process_count)
+  ds = grain.MapDataset.source(source).shuffle(seed=_seed32(seed, _ORDER)).repeat()
+  ds = ds.map_with_index(_TrainTransform(source.load, seed, cfg))
+  ds = ds.batch(local, batch_fn=_TrainBatch(bool(cfg.skip_corrupt)))
+  ds = ds[process_index::process_count][start_step:]
+  out = ds.to_iter_dataset(_read_options(cfg))
+  if int(cfg.num_workers) > 0:
+    if not flags.FLAGS.is_parsed():  # Grain's workers read its absl flags (library use, tests)
+      flags.FLAGS.mark_as_parsed()
+    out = out.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(cfg.num_workers)))
+  return out
 
 
 def make_train_iterator(cfg, *, global_batch_size: int, seed: int, start_step: int = 0,
@@ -541,7 +522,8 @@ def make_train_iterator(cfg, *, global_batch_size: int, seed: int, start_step: i
     cfg: the input ConfigDict (`default_input_config`), or a config with an `input` field.
     global_batch_size: batch over all processes; must divide by the process count.
     seed: non-negative; fixes the order and the augmentations.
-    start_step: batches already consumed (resume): the iterator yields batch start_step next.
+    start_step: batches already consumed (resume): the iterator yields batch start_step next,
+      reading nothing before it.
     sharding: a NamedSharding whose first spec entry is the batch axes; None -> numpy batches.
     process_index / process_count: default jax's (overridable to simulate hosts in tests).
 
@@ -549,99 +531,75 @@ def make_train_iterator(cfg, *, global_batch_size: int, seed: int, start_step: i
     A `TrainIterator` yielding {'image': (B, S, S, 3) f32 in [-1, 1], 'label': (B,) int32}.
   """
   cfg = _input_cfg(cfg)
+  if seed < 0 or start_step < 0:
+    raise ValueError(f"seed ({seed}) and start_step ({start_step}) must be >= 0")
   pi, pc = _process(process_index, process_count)
-  shards = int(cfg.get("data_shards", 0)) or pc
-  if shards % pc:
-    raise ValueError(f"input.data_shards={shards} is not a multiple of the {pc} processes")
-  local = _local_batch(global_batch_size, shards)
-  iterators = []
-  for shard in range(pi * (shards // pc), (pi + 1) * (shards // pc)):
-    source = _open_source(cfg, train=True, pi=shard, pc=shards)
-    if source.num_local == 0:
-      raise ValueError(f"data shard {shard} of {shards} gets no examples of {cfg.dataset} "
-                       f"{cfg.split}")
-    iterators.append(TrainIterator(source, cfg, local_batch_size=local, seed=seed,
-                                   start_step=start_step,
-                                   sharding=sharding if len(iterators) == 0 and shards == pc
-                                   else None))
-  if len(iterators) == 1 and shards == pc:
-    return iterators[0]
-  return _ConcatIterator(iterators, sharding)
+  local = _local_batch(global_batch_size, pc)
+  source = _open_source(cfg, train=True)
+  if not len(source):
+    raise ValueError(f"{cfg.dataset} {cfg.split} holds no examples")
+  ds = train_dataset(cfg, source, global_batch_size=global_batch_size, seed=seed,
+                     start_step=start_step, process_index=pi, process_count=pc)
+  return TrainIterator(ds, start_step=start_step, local_batch_size=local,
+                       num_examples=len(source), sharding=sharding)
 
 
-class _ConcatIterator:
-  """Several shard iterators of one process, concatenated along the batch (shard order)."""
+class _EvalTransform:
+  """Example -> `_Prepared` centre crop (or the error)."""
 
-  def __init__(self, iterators, sharding):
-    self._iterators, self._sharding = iterators, sharding
-    self.local_batch_size = sum(it.local_batch_size for it in iterators)
+  def __init__(self, load, image_size: int):
+    self._load, self._size = load, image_size
 
-  @property
-  def step(self) -> int:
-    return self._iterators[0].step
-
-  @property
-  def num_skipped(self) -> int:
-    return sum(it.num_skipped for it in self._iterators)
-
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> dict:
-    parts = [next(it) for it in self._iterators]
-    batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    return to_global(batch, self._sharding)
-
-  def close(self):
-    for it in self._iterators:
-      it.close()
+  def __call__(self, example: Example) -> _Prepared:
+    try:
+      return _Prepared(transforms.eval_transform(self._load(example), self._size),
+                       example.label, example.name)
+    except Exception as e:  # pylint: disable=broad-except  # reported by the batch
+      return _Prepared(None, example.label, example.name, f"{type(e).__name__}: {e}")
 
 
 class EvalBatches:
   """Re-iterable eval batches, padded so every process runs `num_batches` of them.
 
-  Each batch: {'image': (B, S, S, 3) f32 in [-1, 1] (centre crop), 'label': (B,) int32,
-  '_mask': (B,) bool}, padding (zeros) and skipped corrupt images having `_mask` False.
+  Process p of P reads the contiguous shard `even_bounds(n, P, p)` of the split, so every example
+  is read exactly once over the processes. Each batch: {'image': (B, S, S, 3) f32 in [-1, 1]
+  (centre crop), 'label': (B,) int32, '_mask': (B,) bool}, padding (zeros) and skipped corrupt
+  images having `_mask` False.
   Attributes: num_batches (same on every process), num_examples (all processes), num_skipped.
   """
 
-  def __init__(self, source, cfg, *, local_batch_size: int, sharding=None):
-    self._source, self._sharding, self._size = source, sharding, int(cfg.image_size)
+  def __init__(self, source, cfg, *, local_batch_size: int, process_index: int,
+               process_count: int, sharding=None):
+    n = len(source)
+    lo, hi = even_bounds(n, process_count, process_index)
+    self._dataset = grain.MapDataset.source(source)[lo:hi].map(
+        _EvalTransform(source.load, int(cfg.image_size)))
+    self._cfg, self._sharding, self._size = cfg, sharding, int(cfg.image_size)
     self._skip = bool(cfg.skip_corrupt)
     self.local_batch_size = local_batch_size
-    self.num_examples = int(sum(source.counts))
-    self.num_batches = math.ceil(max(source.counts) / local_batch_size)
+    self.num_examples = n
+    self.num_batches = math.ceil(max(shard_sizes(n, process_count)) / local_batch_size)
     self.num_skipped = 0
-    self._num_workers = int(cfg.num_workers)
 
   def __len__(self) -> int:
     return self.num_batches
 
-  def _transform(self, rec: Record) -> np.ndarray:
-    return transforms.eval_transform(self._source.load(rec), self._size)
-
   def __iter__(self) -> Iterator[dict]:
     b, s = self.local_batch_size, self._size
-    records = self._source.iter_records(0, 0, 0, shuffle=False)
-    worker = _Worker(self._num_workers)
-    try:
-      for _ in range(self.num_batches):
-        recs = list(itertools.islice(records, b))
-        outs = worker.map(self._transform, recs)
-        image = np.zeros((b, s, s, 3), np.float32)
-        label = np.zeros((b,), np.int32)
-        mask = np.zeros((b,), bool)
-        for i, (rec, out) in enumerate(zip(recs, outs)):
-          if isinstance(out, Exception):
-            if not self._skip:
-              raise _corrupt_error(rec, out) from out
-            logging.warning("skipping corrupt eval image %s: %s", rec.name, out)
-            self.num_skipped += 1
-            continue
-          image[i], label[i], mask[i] = out, rec.label, True
-        yield to_global({"image": image, "label": label, "_mask": mask}, self._sharding)
-    finally:
-      worker.close()
+    items = iter(self._dataset.to_iter_dataset(_read_options(self._cfg)))
+    for _ in range(self.num_batches):
+      image = np.zeros((b, s, s, 3), np.float32)
+      label = np.zeros((b,), np.int32)
+      mask = np.zeros((b,), bool)
+      for i, item in zip(range(b), items):
+        if item.image is None:
+          if not self._skip:
+            raise _corrupt_error(item.name, item.error)
+          logging.warning("skipping corrupt eval image %s: %s", item.name, item.error)
+          self.num_skipped += 1
+          continue
+        image[i], label[i], mask[i] = item.image, item.label, True
+      yield to_global({"image": image, "label": label, "_mask": mask}, self._sharding)
 
 
 def make_eval_batches(cfg, *, global_batch_size: int, sharding=None, split: str | None = None,
@@ -665,5 +623,6 @@ def make_eval_batches(cfg, *, global_batch_size: int, sharding=None, split: str 
     cfg.eval_split = split
   pi, pc = _process(process_index, process_count)
   local = _local_batch(global_batch_size, pc)
-  source = _open_source(cfg, train=False, pi=pi, pc=pc)
-  return EvalBatches(source, cfg, local_batch_size=local, sharding=sharding)
+  source = _open_source(cfg, train=False)
+  return EvalBatches(source, cfg, local_batch_size=local, process_index=pi, process_count=pc,
+                     sharding=sharding)

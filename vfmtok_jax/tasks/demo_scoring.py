@@ -74,7 +74,7 @@ def score(tok: vfmtok.VFMTok, model, params, *, scales: Sequence[float] = (1.0, 
   # Tokenizer: reconstructions of held-out crops.
   input_cfg = input_pipeline.default_input_config("demo", image_size=size,
                                                   demo_eval_crops=recon_per_photo,
-                                                  demo_eval_seed=HELD_OUT_SEED, num_workers=2)
+                                                  demo_eval_seed=HELD_OUT_SEED)
   mesh = shd.make_mesh({"data": -1})
   batches = input_pipeline.make_eval_batches(input_cfg, global_batch_size=batch_size,
                                              sharding=shd.batch_sharding(mesh, 4))

@@ -155,4 +155,6 @@ def run(task: task_lib.Task, program: program_lib.TrainProgram, workdir: str,
     finally:
       preempt.restore_handlers()
       writer.close()
+      if hasattr(train_iter, "close"):  # stops decoding workers
+        train_iter.close()
   return final
