@@ -91,6 +91,34 @@ def test_order_is_independent_of_process_count_and_resumes(folder):
   assert all((codes[it.global_indices(s)[0], 0] == first[s]["codes"]).all() for s in range(3))
 
 
+class _Counting:
+  def __init__(self, source):
+    self._source, self.reads = source, 0
+
+  def __len__(self):
+    return len(self._source)
+
+  def __getitem__(self, i):
+    self.reads += 1
+    return self._source[i]
+
+
+@pytest.mark.parametrize("start", [10, 100_000])
+def test_resuming_reads_only_the_batch(folder, start):
+  """Resuming at step 100,000 reads what resuming at step 10 reads: this process's rows of the
+  batch, nothing before them (synchronous reads: nothing read ahead either)."""
+  path, labels, codes = folder
+  ds = codes_lib.CodesDataset(path)
+  ds.source = _Counting(ds.source)
+  it = codes_lib.CodesIterator(ds, global_batch=8, seed=3, start_step=start, process_index=1,
+                               process_count=2, num_threads=0, prefetch=0)
+  batch = next(it)
+  assert ds.source.reads == 4 and it.step == start + 1
+  ex, var = it.global_indices(start)
+  np.testing.assert_array_equal(batch["codes"], codes[ex[4:], var[4:]])
+  np.testing.assert_array_equal(batch["label"], labels[ex[4:]])
+
+
 def test_held_out_split(folder):
   path, _, _ = folder
   ds = codes_lib.CodesDataset(path)

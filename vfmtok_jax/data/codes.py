@@ -8,13 +8,13 @@ A record is `label` (int32, little-endian) followed by `num_variants x num_token
 (uint16, little-endian): variant 0 is the original crop, then the augmentations (h-flip; or
 the ten crops). Fixed-size raw integers: nothing in a file is ever unpickled or evaluated.
 
-Order (`CodesIterator`): the stream is a sequence of epochs over all N examples of the folder;
-epoch e is the permutation `default_rng([seed, e])` of the training examples (all N, or those
-`split_held_out` leaves), and position i of epoch e uses the variant
-`default_rng([seed, e, 1]).integers(0, V, n)[i]` (mode "all") or 0 (mode "first"). The
-global batch of step s is positions s*B .. s*B + B - 1 of that stream, and process p reads rows
-[p*B/P, (p+1)*B/P) of it. So the global batches depend on (seed, B) only, never on the process
-or device count, and the step is the iterator's whole state (the loop checkpoints it).
+Order (`CodesIterator`, on Grain): the stream is the training examples (all N, or those
+`split_held_out` leaves) shuffled anew each epoch from (seed, epoch) (Grain's `shuffle` then
+`repeat`), and position i of the stream uses the variant drawn from (seed, i) (mode "all"; one
+per example per epoch) or 0 (mode "first"). The global batch of step s is positions
+s*B .. s*B + B - 1 of that stream, and process p reads rows [p*B/P, (p+1)*B/P) of it. So the
+global batches depend on (seed, B) only, never on the process or device count, the step is the
+iterator's whole state (the loop checkpoints it), and resuming at step s reads only batch s.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import json
 import os
 from typing import Any, Iterator, Sequence
 
+import grain
 import jax
 import numpy as np
 from array_record.python import array_record_module
@@ -34,6 +35,7 @@ CODES_JSON = "codes.json"
 CODE_DTYPE = np.dtype("<u2")
 LABEL_DTYPE = np.dtype("<i4")
 VARIANT_MODES = ("all", "first")
+_ORDER, _VARIANT = 1, 2  # tags that separate the seed streams
 
 
 class CodesError(ValueError):
@@ -142,42 +144,35 @@ def read_info(folder: str) -> CodesInfo:
 
 
 class CodesDataset:
-  """Random access to the examples of a codes folder (global index 0 .. N-1, shard order)."""
+  """Random access to the examples of a codes folder (global index 0 .. N-1, shard order),
+  through Grain's ArrayRecord source (thread-safe, picklable)."""
 
   def __init__(self, folder: str):
     self.folder = folder
     self.info = read_info(folder)
-    self._starts = np.cumsum([0] + [c for _, c in self.info.shards])
-    self._readers: list[Any] = []
+    paths = []
     for name, count in self.info.shards:
       path = os.path.join(folder, name)
       if not os.path.isfile(path):
         raise CodesError(f"{folder}: shard {name} listed in {CODES_JSON} is missing")
       reader = array_record_module.ArrayRecordReader(path)
-      if reader.num_records() != count:
-        raise CodesError(f"{path} holds {reader.num_records()} records, {CODES_JSON} says "
-                         f"{count}")
-      self._readers.append(reader)
+      found = reader.num_records()
+      reader.close()
+      if found != count:
+        raise CodesError(f"{path} holds {found} records, {CODES_JSON} says {count}")
+      paths.append(path)
+    self.source = grain.sources.ArrayRecordDataSource(paths)
 
   def __len__(self) -> int:
-    return int(self._starts[-1])
+    return len(self.source)
 
   def read(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """labels (n,) int32 and codes (n, num_variants, num_tokens) int32 of global indices."""
-    indices = np.asarray(indices, np.int64)
-    shard = np.searchsorted(self._starts, indices, side="right") - 1
-    records: list[bytes] = [b""] * len(indices)
-    for s in np.unique(shard):
-      where = np.nonzero(shard == s)[0]
-      got = self._readers[s].read((indices[where] - self._starts[s]).tolist())
-      for w, r in zip(where, got):
-        records[w] = r
-    return decode_records(records, self.info.num_variants, self.info.num_tokens)
+    return decode_records([self.source[int(i)] for i in indices], self.info.num_variants,
+                          self.info.num_tokens)
 
   def close(self) -> None:
-    for r in self._readers:
-      r.close()
-    self._readers = []
+    """Nothing to release: Grain's source opens its readers on demand."""
 
 
 def split_held_out(num_examples: int, held_out: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -189,16 +184,36 @@ def split_held_out(num_examples: int, held_out: int, seed: int) -> tuple[np.ndar
   return np.sort(perm[held_out:]), np.sort(perm[:held_out])
 
 
+class _ReadVariant:
+  """(stream position, index into the training examples) -> {'codes': (T,), 'label': ()}:
+  reads the example and keeps the variant drawn from (seed, position). Picklable."""
+
+  def __init__(self, dataset: CodesDataset, examples: np.ndarray, seed: int, mode: str):
+    self._ds, self._examples, self._seed, self._mode = dataset, examples, seed, mode
+
+  def variant(self, position: int) -> int:
+    if self._mode == "first":
+      return 0
+    rng = np.random.default_rng([self._seed, _VARIANT, position])
+    return int(rng.integers(self._ds.info.num_variants))
+
+  def __call__(self, position: int, j: int) -> dict:
+    labels, codes = self._ds.read([self._examples[j]])
+    return {"codes": codes[0, self.variant(position)], "label": labels[0]}
+
+
 class CodesIterator:
   """Global train batches {'codes': (B, T) int32, 'label': (B,) int32} from step `start_step`.
 
   See the module docstring for the order. `sharding`: a batch sharding to assemble global jax
   arrays from the process-local rows (None: this process's numpy rows).
+  Attributes: step (batches produced so far: the whole state).
   """
 
   def __init__(self, dataset: CodesDataset, *, global_batch: int, seed: int, start_step: int = 0,
                variants: str = "all", examples: np.ndarray | None = None, sharding=None,
-               process_index: int | None = None, process_count: int | None = None):
+               process_index: int | None = None, process_count: int | None = None,
+               num_threads: int = 2, prefetch: int = 4):
     """`examples`: the global indices to train on (default all; see `split_held_out`)."""
     if variants not in VARIANT_MODES:
       raise CodesError(f"data.variants {variants!r}: expected one of {VARIANT_MODES}")
@@ -206,44 +221,33 @@ class CodesIterator:
     pc = jax.process_count() if process_count is None else process_count
     if global_batch % pc:
       raise CodesError(f"batch {global_batch} is not divisible by {pc} processes")
-    self._examples = (np.arange(len(dataset)) if examples is None
-                      else np.asarray(examples, np.int64))
-    if len(self._examples) == 0:
+    examples = (np.arange(len(dataset)) if examples is None else np.asarray(examples, np.int64))
+    if len(examples) == 0:
       raise CodesError(f"{dataset.folder}: no examples to train on")
-    self._ds, self._batch, self._seed, self._mode = dataset, global_batch, seed, variants
-    self._rows = slice(pi * global_batch // pc, (pi + 1) * global_batch // pc)
+    self._examples, self._batch = examples, global_batch
+    self._order = grain.MapDataset.range(len(examples)).shuffle(
+        seed=input_pipeline.seed32(seed, _ORDER)).repeat()
+    self._read = _ReadVariant(dataset, examples, seed, variants)
+    ds = self._order.map_with_index(self._read).batch(global_batch // pc)
+    ds = ds[pi::pc][start_step:]
+    self._iter = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                                           prefetch_buffer_size=prefetch)))
     self._sharding = sharding
     self.step = start_step
-    self._epoch_cache: tuple[int, np.ndarray, np.ndarray] | None = None
-
-  def _epoch(self, e: int) -> tuple[np.ndarray, np.ndarray]:
-    if self._epoch_cache is None or self._epoch_cache[0] != e:
-      n = len(self._examples)
-      order = self._examples[np.random.default_rng([self._seed, e]).permutation(n)]
-      variant = (np.random.default_rng([self._seed, e, 1]).integers(
-          0, self._ds.info.num_variants, n) if self._mode == "all" else np.zeros(n, np.int64))
-      self._epoch_cache = (e, order, variant)
-    return self._epoch_cache[1], self._epoch_cache[2]
 
   def global_indices(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-    """(example indices (B,), variants (B,)) of the global batch of `step`."""
-    n = len(self._examples)
-    positions = np.arange(step * self._batch, (step + 1) * self._batch)
-    examples, variants = np.empty_like(positions), np.empty_like(positions)
-    for e in np.unique(positions // n):
-      where = positions // n == e
-      order, variant = self._epoch(int(e))
-      examples[where] = order[positions[where] % n]
-      variants[where] = variant[positions[where] % n]
-    return examples, variants
+    """(example indices (B,), variants (B,)) of the global batch of `step` (reads nothing)."""
+    positions = range(step * self._batch, (step + 1) * self._batch)
+    return (self._examples[[self._order[p] for p in positions]],
+            np.asarray([self._read.variant(p) for p in positions]))
 
   def __iter__(self) -> Iterator[dict]:
     return self
 
   def __next__(self) -> dict:
-    examples, variants = self.global_indices(self.step)
-    examples, variants = examples[self._rows], variants[self._rows]
-    labels, codes = self._ds.read(examples)
-    batch = {"codes": codes[np.arange(len(examples)), variants], "label": labels}
+    batch = next(self._iter)
     self.step += 1
     return input_pipeline.to_global(batch, self._sharding)
+
+  def close(self) -> None:
+    self._iter.close()

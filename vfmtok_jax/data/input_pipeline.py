@@ -150,7 +150,8 @@ def shard_sizes(n: int, count: int) -> list[int]:
   return [hi - lo for lo, hi in (even_bounds(n, count, i) for i in range(count))]
 
 
-def _seed32(*entropy: int) -> int:
+def seed32(*entropy: int) -> int:
+  """A 32-bit seed (what Grain takes) mixed from any non-negative integers."""
   return int(np.random.SeedSequence([int(e) for e in entropy]).generate_state(1)[0])
 
 
@@ -501,7 +502,7 @@ def train_dataset(cfg, source, *, global_batch_size: int, seed: int, start_step:
   """This process's local batches from global batch `start_step` on (see the module docstring:
   global batch t is stream positions [t B, (t + 1) B), the process's part contiguous)."""
   local = _local_batch(global_batch_size, process_count)
-  ds = grain.MapDataset.source(source).shuffle(seed=_seed32(seed, _ORDER)).repeat()
+  ds = grain.MapDataset.source(source).shuffle(seed=seed32(seed, _ORDER)).repeat()
   ds = ds.map_with_index(_TrainTransform(source.load, seed, cfg))
   ds = ds.batch(local, batch_fn=_TrainBatch(bool(cfg.skip_corrupt)))
   ds = ds[process_index::process_count][start_step:]
