@@ -41,6 +41,7 @@ sys.path.insert(0, ROOT)
 OLD = "7346d0c"  # the last commit with the hand-written pipeline
 __doc__ = __doc__.replace("{OLD}", OLD)
 
+from benchmarks import run_all  # noqa: E402  pylint: disable=g-import-not-at-top
 from vfmtok_jax.data import demo_photos  # noqa: E402  pylint: disable=g-import-not-at-top
 from vfmtok_jax.data import input_pipeline as new_ip  # noqa: E402  pylint: disable=g-import-not-at-top
 
@@ -188,7 +189,7 @@ def main():
     for name, (module, kw) in variants.items():
       cfg = module.default_input_config(f"folder:{folder}", image_size=SIZE, **kw)
       rates[name].append(throughput(module, cfg, args.batch, args.batches))
-  cpu = _cpu_model()
+  cpu = run_all.cpu_model()
   print(f"images/s at {SIZE} px, batch {args.batch}, medians of {args.rounds} rounds of "
         f"{args.batches} batches ({cpu}, {len(os.sched_getaffinity(0))} cores):")
   for name, r in rates.items():
@@ -217,17 +218,6 @@ def main():
       json.dump({"images_per_s": {k: statistics.median(v) for k, v in rates.items()},
                  "runs": rates, "restore_s": restore, "cpu": cpu, "images": args.images,
                  "batch": args.batch}, f, indent=1)
-
-
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return "unknown CPU"
 
 
 if __name__ == "__main__":

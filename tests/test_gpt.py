@@ -151,14 +151,18 @@ def test_oracle_dropouts_apply_in_train_mode_only_and_generate_leaves_no_cache()
   assert dropped(tokens, labels).shape == (4, 16, 16)
 
 
-def test_top1_hits_is_argmax_up_to_exact_ties():
+def test_top1_hits_is_argmax_ties_included():
   logits = jax.random.normal(jax.random.PRNGKey(0), (3, 50, 64))
   targets = jax.random.randint(jax.random.PRNGKey(1), (3, 50), 0, 64)
   targets = targets.at[0, :10].set(jnp.argmax(logits[0, :10], -1))  # some hits
   np.testing.assert_array_equal(gpt_task.top1_hits(logits, targets),
                                 jnp.argmax(logits, -1) == targets)
-  tie = jnp.array([[1.0, 3.0, 3.0]])  # argmax picks index 1; the max comparison counts 2 too
-  assert bool(gpt_task.top1_hits(tie, jnp.array([2]))[0])
+  tie = jnp.array([[1.0, 3.0, 3.0], [1.0, 3.0, 3.0]])  # argmax picks index 1
+  np.testing.assert_array_equal(gpt_task.top1_hits(tie, jnp.array([2, 1])), [False, True])
+  # The zero-initialised head: every logit ties, so only targets equal to 0 are hits.
+  zeros = jnp.zeros((2, 5, 16))
+  targets = jnp.array([[0, 3, 0, 15, 7], [1, 0, 2, 0, 0]])
+  np.testing.assert_array_equal(gpt_task.top1_hits(zeros, targets), targets == 0)
 
 
 def test_layer_loop_is_unrolled_on_cpu_only_by_default():

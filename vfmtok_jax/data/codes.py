@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import grain
 import jax

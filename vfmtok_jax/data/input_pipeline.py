@@ -33,9 +33,10 @@ nor the number of decoding workers, and a run resumed at step k on another host 
 the same stream. Restoring at step k reads nothing before batch k: the batch count is the whole
 iterator state (saved with each checkpoint by the training loop).
 
-Decoding: `num_threads` threads per process prepare upcoming batches; `num_workers` > 0 moves
-them into that many worker processes (Grain's `mp_prefetch`), 0 keeps them in the training
-process (tests, the demo).
+Decoding: `num_threads` threads per process prepare upcoming batches (`prefetch` of them);
+`num_workers` > 0 moves them into that many worker processes (Grain's `mp_prefetch`), 0 keeps
+them in the training process (tests, the demo). With a sharding, the next global batch is
+already on its way to the devices while the step runs (`TrainIterator`'s `device_prefetch`).
 
 Corrupt images raise `CorruptImageError` naming the example (file path, tfds record or photo).
 With `skip_corrupt=True` the example's slot in the batch is filled with a copy of the next good
@@ -46,6 +47,7 @@ is masked out (`_mask=False`) and counted in `EvalBatches.num_skipped`.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import io
@@ -466,26 +468,38 @@ class TrainIterator:
   """Infinite iterator of train batches; `step` (batches produced so far) is its whole state.
 
   Yields {'image': (B, S, S, 3) float32 in [-1, 1], 'label': (B,) int32}, B = the local batch
-  (numpy), or global jax arrays of the global batch when built with a sharding.
+  (numpy), or global jax arrays of the global batch when built with a sharding. With a sharding,
+  `device_prefetch` further batches are already on their way to the devices while the caller
+  uses one (an error in one of them, e.g. a corrupt image, surfaces that many calls early).
   Attributes: step, num_skipped, local_batch_size, num_examples (of the split).
   """
 
   def __init__(self, dataset: grain.IterDataset, *, start_step: int, local_batch_size: int,
-               num_examples: int, sharding=None):
+               num_examples: int, sharding=None, device_prefetch: int = 1):
     self._iter, self._sharding = iter(dataset), sharding
+    self._ahead: collections.deque = collections.deque()
+    self._depth = max(0, int(device_prefetch)) if sharding is not None else 0
     self.step, self.num_skipped = int(start_step), 0
     self.local_batch_size, self.num_examples = local_batch_size, num_examples
 
   def __iter__(self):
     return self
 
-  def __next__(self) -> dict:
+  def _pull(self) -> tuple[int, dict]:
     batch = dict(next(self._iter))
-    self.num_skipped += int(batch.pop("_skipped"))
+    skipped = int(batch.pop("_skipped"))
+    return skipped, to_global(batch, self._sharding)  # transfers start here, asynchronously
+
+  def __next__(self) -> dict:
+    while len(self._ahead) <= self._depth:
+      self._ahead.append(self._pull())
+    skipped, batch = self._ahead.popleft()
+    self.num_skipped += skipped
     self.step += 1
-    return to_global(batch, self._sharding)
+    return batch
 
   def close(self):
+    self._ahead.clear()
     close = getattr(self._iter, "close", None)
     if close is not None:
       close()
