@@ -13,7 +13,9 @@ then one token per call at start i + 1.
 
 Parameter layout: the layer stack is one scanned module `layers` whose params carry a leading
 (num_layers,) axis (logical name `layers`), and the KV cache carries the same leading axis, so
-neither the training step's nor the decoder's compile time grows with depth.
+neither the training step's nor the decoder's compile time grows with depth. A per-layer cache
+(`init_cache(per_layer=True)`) decodes instead on per-layer params (`unstack_layers`) without a
+loop: what the sampler does on CPU, where XLA copied the stacked slices at every token.
 """
 
 from __future__ import annotations
