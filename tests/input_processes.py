@@ -1,8 +1,8 @@
 """The demo's train batches as a real multi-process job assembles them (run by
-tests/test_input_pipeline.py through `run_two_processes`): global arrays on a mesh of every
+tests/test_input_pipeline.py through `run_processes`): global arrays on a mesh of every
 process's devices, gathered to every host; process 0 writes them.
 
-  python -m tests.input_processes OUT.npz START_STEP STEPS
+  python -m tests.input_processes OUT.npz START_STEP STEPS PROCESSES
 """
 
 import sys
@@ -17,8 +17,8 @@ from vfmtok_jax.data import input_pipeline as ip
 IMAGE_SIZE, BATCH, SEED = 16, 8, 2
 
 
-def main(out: str, start_step: int, steps: int) -> None:
-  assert distributed.initialize_from_env() and jax.process_count() == 2
+def main(out: str, start_step: int, steps: int, processes: int) -> None:
+  assert distributed.initialize_from_env() and jax.process_count() == processes
   mesh = jax.make_mesh((jax.device_count(),), ("data",),
                        axis_types=(jax.sharding.AxisType.Auto,))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
@@ -35,4 +35,4 @@ def main(out: str, start_step: int, steps: int) -> None:
 
 
 if __name__ == "__main__":
-  main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+  main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))

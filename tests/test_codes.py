@@ -11,7 +11,7 @@ from vfmtok_jax import tokenizer_io
 from vfmtok_jax.data import codes as codes_lib
 from vfmtok_jax.data import input_pipeline
 from vfmtok_jax.tasks import code_extraction
-from tests.test_sample_cli import run_two_processes
+from tests.test_sample_cli import run_processes
 
 
 def _write_folder(folder, labels, codes, shard_sizes):
@@ -207,9 +207,9 @@ def test_two_processes_extract_what_one_extracts(golden_tokenizer, tmp_path):
   one = str(tmp_path / "one")
   code_extraction.extract(tok, _extract_config(), one, tok_path=tok_path)
   two = str(tmp_path / "two")
-  run_two_processes(["-m", "vfmtok_jax.extract_codes", "--tokenizer", tok_path, "--config",
-                     "configs/extract_codes.py:demo,crops_per_photo=2", "--config.num_shards=3",
-                     "--config.batch_size=4", "--out", two], devices_each=1, tmp_path=tmp_path)
+  run_processes(["-m", "vfmtok_jax.extract_codes", "--tokenizer", tok_path, "--config",
+                 "configs/extract_codes.py:demo,crops_per_photo=2", "--config.num_shards=3",
+                 "--config.batch_size=4", "--out", two], devices_each=1, tmp_path=tmp_path)
   assert json.load(open(os.path.join(two, "codes.json"))) == \
       json.load(open(os.path.join(one, "codes.json")))
   for a, b in zip(codes_lib.CodesDataset(one).read(range(24)),

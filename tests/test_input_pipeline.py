@@ -383,18 +383,20 @@ def test_global_batches_do_not_depend_on_the_process_count():
   _assert_batches_equal(one[1:], _global_batches(cfg, 2, 3, start_step=1))
 
 
-def test_two_real_processes_read_the_one_process_batches(tmp_path):
-  """2 processes x 2 devices (jax.distributed on loopback) assemble the global batches one
-  process reads, from step 0 and resumed at step 2."""
+@pytest.mark.parametrize("processes,devices_each", [(2, 2), (4, 1)])
+def test_real_processes_read_the_one_process_batches(tmp_path, processes, devices_each):
+  """2 processes x 2 devices and 4 processes x 1 device (jax.distributed on loopback) assemble
+  the global batches one process reads, from step 0 and resumed at step 2."""
   from tests import input_processes  # pylint: disable=g-import-not-at-top
-  from tests.test_sample_cli import run_two_processes  # pylint: disable=g-import-not-at-top
+  from tests.test_sample_cli import run_processes  # pylint: disable=g-import-not-at-top
   cfg = ip.default_input_config("demo", image_size=input_processes.IMAGE_SIZE)
   one = _take(ip.make_train_iterator(cfg, global_batch_size=input_processes.BATCH,
                                      seed=input_processes.SEED), 4)
   for start, steps in ((0, 2), (2, 2)):
     out = tmp_path / f"from{start}.npz"
-    run_two_processes(["-m", "tests.input_processes", str(out), str(start), str(steps)],
-                      devices_each=2, tmp_path=tmp_path)
+    run_processes(["-m", "tests.input_processes", str(out), str(start), str(steps),
+                   str(processes)], processes=processes, devices_each=devices_each,
+                  tmp_path=tmp_path)
     with np.load(out) as got:
       for i, want in enumerate(one[start:start + steps]):
         np.testing.assert_array_equal(got["image"][i], want["image"])

@@ -98,21 +98,22 @@ def test_decoding_resizes_like_the_reference(golden_tokenizer, tokenizer_io):
   assert sampler.output_size(tok, 0) == 32 and sampler.output_size(tok, 64) == 64
 
 
-def run_two_processes(args, *, devices_each: int, tmp_path) -> list[str]:
-  """`python ARGS` as a 2-process CPU cluster on loopback (`devices_each` devices per process);
-  asserts both exit 0 and returns their outputs."""
+def run_processes(args, *, processes: int = 2, devices_each: int, tmp_path) -> list[str]:
+  """`python ARGS` as a `processes`-process CPU cluster on loopback (`devices_each` devices per
+  process); asserts every one exits 0 and returns their outputs."""
   port = _free_port()
   base = dict(os.environ, JAX_PLATFORMS="cpu",
               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_each}")
-  # A 2-process executable must not be confused with a 1-process one in the persistent cache.
+  # A multi-process executable must not be confused with a 1-process one in the persistent cache.
   cache = os.path.join(os.environ.get("JAX_COMPILATION_CACHE_DIR", str(tmp_path)),
-                       "two_processes")
+                       f"{processes}_processes")
   procs = [subprocess.Popen(
       [sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
       text=True,
       env=dict(base, VFMTOK_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-               JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i), VFMTOK_CPU_COLLECTIVES="gloo",
-               JAX_COMPILATION_CACHE_DIR=cache)) for i in range(2)]
+               JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(i),
+               VFMTOK_CPU_COLLECTIVES="gloo", JAX_COMPILATION_CACHE_DIR=cache))
+      for i in range(processes)]
   outs = [p.communicate(timeout=300)[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]
@@ -123,7 +124,7 @@ def test_two_processes_sample_what_one_samples(golden_gpt, tmp_path):
   """The batch sharded over 2 processes x 2 devices draws exactly the one-process samples."""
   args = ["--gpt", golden_gpt[0], "--labels", "0,1,2,3,4,5,6,7,8,9,1,2", "--cfg", "2.0",
           "--top_k", "50", "--top_p", "0.9", "--seed", "3", "--batch_size", "8"]
-  outs = run_two_processes(["-m", "vfmtok_jax.sample", *args, "--out",
+  outs = run_processes(["-m", "vfmtok_jax.sample", *args, "--out",
                             str(tmp_path / "two.npz")], devices_each=2, tmp_path=tmp_path)
   one = _sample(*args, "--out", str(tmp_path / "one.npz"))
   assert one.returncode == 0, one.stderr[-3000:]
