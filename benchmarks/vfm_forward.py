@@ -9,8 +9,10 @@ process is pinned to `--threads` cores (sched_setaffinity, before jax/torch star
 XLA's CPU pool follows the affinity) and torch.set_num_threads(--threads). Reports the median
 wall time of `--runs` calls after `--warmup` calls (jax and torch calls alternate, so background
 load affects both alike), and the max abs difference of the outputs. The same rounds also time
-our forward with bf16 compute (its cosine to f32 reported) and 2048^3 f32 / bf16 matmuls: the
-machine's peaks, against which the forward's FLOPs from the cost analysis are set.
+our forward with bf16 compute (its cosine to f32 reported), our f32 forward compiled with XLA's
+default options instead of the VFM's (`ops.compiler_options.dense_forward_options`), and
+2048^3 f32 / bf16 matmuls: the machine's peaks, against which the forward's FLOPs from the cost
+analysis are set.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vfmtok_jax import vfm_zoo
+from vfmtok_jax.ops import compiler_options
 
 VARIANTS = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16)}
 
@@ -85,11 +88,18 @@ def main(argv):
       (_BATCH.value, 3, _SIZE.value, _SIZE.value)).astype(np.float32)
   x_torch = torch.from_numpy(x)
   x_jax = jax.device_put(jnp.asarray(x.transpose(0, 2, 3, 1)))
-  forward = jax.jit(lambda p, im: model.apply({"params": p}, im, levels=(depth - 1,))
-                    ["last_hidden_state"])
+  # The frozen VFM's programs compile with `dense_forward_options` (as features and FD-VFM do);
+  # the same forward with XLA's default options is timed in the same rounds.
+  options = compiler_options.dense_forward_options()
+
+  def apply(p, im):
+    return model.apply({"params": p}, im, levels=(depth - 1,))["last_hidden_state"]
+  forward = jax.jit(apply, compiler_options=options or None)
+  forward_default = jax.jit(apply)
   bf16_model = model.clone(dtype=jnp.bfloat16)  # bf16 compute; f32 params, softmax and norms
   forward_bf16 = jax.jit(lambda p, im: bf16_model.apply({"params": p}, im, levels=(depth - 1,))
-                         ["last_hidden_state"].astype(jnp.float32))
+                         ["last_hidden_state"].astype(jnp.float32),
+                         compiler_options=options or None)
   n = 2048
   a32 = jnp.asarray(np.random.default_rng(1).standard_normal((n, n)), jnp.float32)
   a16 = a32.astype(jnp.bfloat16)
@@ -99,6 +109,9 @@ def main(argv):
 
   def run_jax():
     return forward(params, x_jax).block_until_ready()
+
+  def run_jax_default():
+    return forward_default(params, x_jax).block_until_ready()
 
   def run_jax_bf16():
     return forward_bf16(params, x_jax).block_until_ready()
@@ -121,12 +134,12 @@ def main(argv):
   cosine = float(np.min(np.sum(a * b, -1) / np.linalg.norm(a, axis=-1) /
                         np.linalg.norm(b, axis=-1)))
   load_before = os.getloadavg()[0]
-  t_jax, t_torch, t_bf16, t_p32, t_p16 = _time_interleaved(
-      [run_jax, run_torch, run_jax_bf16, run_peak_f32, run_peak_bf16], _WARMUP.value,
-      _RUNS.value)
+  t_jax, t_torch, t_bf16, t_default, t_p32, t_p16 = _time_interleaved(
+      [run_jax, run_torch, run_jax_bf16, run_jax_default, run_peak_f32, run_peak_bf16],
+      _WARMUP.value, _RUNS.value)
   load_after = os.getloadavg()[0]
   m_jax, m_torch = statistics.median(t_jax), statistics.median(t_torch)
-  m_bf16 = statistics.median(t_bf16)
+  m_bf16, m_default = statistics.median(t_bf16), statistics.median(t_default)
   peak32 = 2 * n ** 3 / statistics.median(t_p32) / 1e6  # GFLOP/s (times are in ms)
   peak16 = 2 * n ** 3 / statistics.median(t_p16) / 1e6
 
@@ -145,6 +158,8 @@ def main(argv):
         f"[{', '.join(f'{t:.0f}' for t in t_torch)}]")
   print(f"ratio torch / jax: {m_torch / m_jax:.2f}x  ({'jax' if m_jax < m_torch else 'torch'} "
         "faster)")
+  print(f"jax f32, XLA's default options:    median {m_default:8.1f} ms  "
+        f"[{', '.join(f'{t:.0f}' for t in t_default)}]; ours use {options or 'the defaults'}")
   print(f"jax bf16 compute:                  median {m_bf16:8.1f} ms  "
         f"[{', '.join(f'{t:.0f}' for t in t_bf16)}]; torch f32 / jax bf16 "
         f"{m_torch / m_bf16:.2f}x; min cosine to jax f32 per token {cosine:.5f}")
@@ -157,9 +172,11 @@ def main(argv):
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump({"runs": _RUNS.value, "ours_f32_ms": m_jax, "torch_ms": m_torch,
-                 "ours_bf16_ms": m_bf16, "gflop": flops / 1e9, "peak_f32_gflops": peak32,
+                 "ours_bf16_ms": m_bf16, "ours_f32_xla_default_options_ms": m_default,
+                 "compiler_options": options, "gflop": flops / 1e9, "peak_f32_gflops": peak32,
                  "peak_bf16_gflops": peak16, "compile_s": compile_s,
-                 "runs_ms": {"ours_f32": t_jax, "torch": t_torch, "ours_bf16": t_bf16}}, f,
+                 "runs_ms": {"ours_f32": t_jax, "torch": t_torch, "ours_bf16": t_bf16,
+                             "ours_f32_xla_default_options": t_default}}, f,
                 indent=1)
 
 

@@ -38,6 +38,7 @@ from vfmtok_jax.data import demo_photos
 from vfmtok_jax.data import images as image_io
 from vfmtok_jax.models.vfm import dinov2
 from vfmtok_jax.models.vfm import preprocess
+from vfmtok_jax.ops import compiler_options
 from vfmtok_jax.weights.files import WeightLoadError
 
 DTYPES = ("float32", "bfloat16")
@@ -64,7 +65,6 @@ def make_forward(vfm, *, size: int, resize: str, levels: Sequence[int], dtype: s
   module = vfm.module.clone(dtype=jnp.bfloat16) if dtype == "bfloat16" else vfm.module
   levels = tuple(levels)
 
-  @jax.jit
   def forward(params, images):
     x = preprocess.vfm_input(images, size=(size, size), resize=resize, mean=vfm.mean,
                              std=vfm.std)
@@ -75,7 +75,7 @@ def make_forward(vfm, *, size: int, resize: str, levels: Sequence[int], dtype: s
         keep[key] = out[key]
     return jax.tree.map(lambda a: a.astype(jnp.float32), keep)
 
-  return forward
+  return jax.jit(forward, compiler_options=compiler_options.dense_forward_options() or None)
 
 
 def extract(vfm, batches, *, num_batches: int, size: int, resize: str, levels: Sequence[int],

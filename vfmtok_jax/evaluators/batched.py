@@ -22,16 +22,18 @@ class PaddedApply:
     fn: (consts, *arrays) -> dict of arrays with the batch leading, jit-able.
     consts: pytree passed to every call (weights), replicated on the devices.
     batch_size: rows per call, rounded up to a multiple of the local device count.
+    compiler_options: XLA options for `fn`'s program (`ops.compiler_options`).
   """
 
-  def __init__(self, fn: Callable[..., dict], consts: Any, *, batch_size: int):
+  def __init__(self, fn: Callable[..., dict], consts: Any, *, batch_size: int,
+               compiler_options: dict[str, str] | None = None):
     devices = jax.local_devices()
     self.batch_size = -(-int(batch_size) // len(devices)) * len(devices)
     mesh = jax.sharding.Mesh(np.asarray(devices), ("batch",))
     self._rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
     self._consts = jax.device_put(
         consts, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    self._fn = jax.jit(fn)
+    self._fn = jax.jit(fn, compiler_options=compiler_options or None)
 
   def __call__(self, *arrays: np.ndarray) -> dict[str, np.ndarray]:
     arrays = tuple(np.asarray(a) for a in arrays)

@@ -16,6 +16,7 @@ from vfmtok_jax import vfm_zoo
 from vfmtok_jax.data import images as image_io
 from vfmtok_jax.evaluators import adm
 from vfmtok_jax.evaluators import batched
+from vfmtok_jax.ops import compiler_options
 
 FD_SIZE = 224
 
@@ -37,7 +38,8 @@ class VFMFeatures:
       out = vfm.module.apply({"params": params}, (x.astype(jnp.float32) / 255.0 - mean) / std)
       return {"embedding": out["cls"] if "cls" in out else out["pooled"]}
 
-    self._apply = batched.PaddedApply(embed, vfm.params, batch_size=batch_size)
+    self._apply = batched.PaddedApply(embed, vfm.params, batch_size=batch_size,
+                                      compiler_options=compiler_options.dense_forward_options())
 
   def __call__(self, images: np.ndarray) -> np.ndarray:
     return self._apply(image_io.pil_resize(images, self.size))["embedding"]
