@@ -8,7 +8,7 @@ assumed) and reads back its medians:
   deform_attn   deformable attention, official shapes, forward and forward + backward, against
                 transformers' pure-PyTorch function in the same process (`deform_attn.py`)
   vfm           DINOv2-S/14 forward against transformers' PyTorch model in the same rounds,
-                also with bf16 compute (`vfm_forward.py`)
+                also with bf16 compute and with XLA's default options (`vfm_forward.py`)
   tokenizer     the tokenizer train step and eval forward (f32, bf16) at the configuration the
                 official code was timed at (`tokenizer_step.py`)
   gpt           the GPT train step and KV-cache sampling at CFG 2.0 vs CFG-free, against a
@@ -129,6 +129,10 @@ def rows(results: dict) -> list[tuple[str, str, str, str]]:
                 f"{v['torch_ms'] / v['ours_f32_ms']:.2f}x"))
     out.append(("same, ours with bf16 compute (vs torch f32)", f"{v['ours_bf16_ms']:.0f} ms",
                 f"{v['torch_ms']:.0f} ms", f"{v['torch_ms'] / v['ours_bf16_ms']:.2f}x"))
+    if "ours_f32_xla_default_options_ms" in v:
+      d = v["ours_f32_xla_default_options_ms"]
+      out.append(("same, f32, ours with XLA's default options (YNNPACK dot fusion on)",
+                  f"{d:.0f} ms", f"{v['torch_ms']:.0f} ms", f"{v['torch_ms'] / d:.2f}x"))
   if "tokenizer" in results:
     t = results["tokenizer"]
     for dtype in ("float32", "bfloat16"):

@@ -7,6 +7,8 @@ def test_rows_compute_speed_ups_both_ways():
   results = {
       "deform_attn": {"ms": {"forward": {"jax": 10.0, "torch": 40.0},
                              "forward+backward": {"jax": 50.0, "torch": 25.0}}},
+      "vfm": {"ours_f32_ms": 500.0, "torch_ms": 600.0, "ours_bf16_ms": 400.0,
+              "ours_f32_xla_default_options_ms": 750.0},
       "gpt": {"peak_f32_gflops": 100.0,
               "train_step": {"float32": {"median_s": 0.5, "gflop": 25.0}},
               "sampling": [{"dtype": "float32", "batch": 4, "cfg": 1.0, "median_s": 1.0,
@@ -27,6 +29,9 @@ def test_rows_compute_speed_ups_both_ways():
   assert fwd == ("10.0 ms", "40.0 ms", "4.00x")
   assert got["deformable attention forward+backward (vs transformers, side by side)"][2] == \
       "0.50x"
+  assert got["DINOv2-S/14 forward, batch 8, 224 px, f32 (vs transformers, side by side)"] == (
+      "500 ms", "600 ms", "1.20x")
+  assert got["same, f32, ours with XLA's default options (YNNPACK dot fusion on)"][2] == "0.80x"
   # 25 GFLOP in 0.5 s = 50 GFLOP/s of a 100 GFLOP/s peak; official 0.404-0.5 s.
   step = got["GPT train step, batch 4, float32 (vs official f32, perf-notes)"]
   assert step == ("0.500 s (50 % of the f32 peak)", "0.404-0.5 s", "0.81-1.00x")
