@@ -383,16 +383,21 @@ def test_global_batches_do_not_depend_on_the_process_count():
   _assert_batches_equal(one[1:], _global_batches(cfg, 2, 3, start_step=1))
 
 
-@pytest.mark.parametrize("processes,devices_each", [(2, 2), (4, 1)])
-def test_real_processes_read_the_one_process_batches(tmp_path, processes, devices_each):
+# (start step, steps) of each launch: 2 processes from step 0 and resumed at step 2; 4 processes
+# resumed at step 2 only (one launch: the suite's time).
+@pytest.mark.parametrize("processes,devices_each,launches", [(2, 2, ((0, 2), (2, 2))),
+                                                             (4, 1, ((2, 2),))],
+                         ids=["2x2", "4x1"])
+def test_real_processes_read_the_one_process_batches(tmp_path, processes, devices_each, launches):
   """2 processes x 2 devices and 4 processes x 1 device (jax.distributed on loopback) assemble
-  the global batches one process reads, from step 0 and resumed at step 2."""
+  the global batches one process reads: the same stream on another process count, and resumed
+  there."""
   from tests import input_processes  # pylint: disable=g-import-not-at-top
   from tests.test_sample_cli import run_processes  # pylint: disable=g-import-not-at-top
   cfg = ip.default_input_config("demo", image_size=input_processes.IMAGE_SIZE)
   one = _take(ip.make_train_iterator(cfg, global_batch_size=input_processes.BATCH,
                                      seed=input_processes.SEED), 4)
-  for start, steps in ((0, 2), (2, 2)):
+  for start, steps in launches:
     out = tmp_path / f"from{start}.npz"
     run_processes(["-m", "tests.input_processes", str(out), str(start), str(steps),
                    str(processes)], processes=processes, devices_each=devices_each,
