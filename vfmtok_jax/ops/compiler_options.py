@@ -6,9 +6,9 @@ YNNPACK is the default; with that fusion off, the dots run through XLA:CPU's own
 DINOv2-S/14's f32 forward with the fusion off against on (2 cores of an AMD EPYC, 2026-12-07,
 `benchmarks/vfm_forward.py`, both variants interleaved in one process per shape): 224 px batch
 8 592 vs 671 ms, batch 32 2.78 vs 4.46 s; 336 px batch 8 1.83 vs 2.17 s, but batch 4 949 vs
-884 ms (7 % slower). The GPT's train
-step and decoding gained nothing from it (0.99x and 0.95x in one process) and the tokenizer's
-train step 1.05x at 41 % more compile time, so they keep the default.
+884 ms (7 % slower). The GPT's train step and decoding gained nothing from it (0.99x and 0.95x
+in one process) and the tokenizer's train step 1.05x at 41 % more compile time, so they keep
+the default.
 
 Options are passed per program (`jax.jit(..., compiler_options=...)`), never through XLA_FLAGS,
 so other programs of the process are unaffected. An option this jaxlib does not know is left
