@@ -94,12 +94,12 @@ def main(argv):
 
   def apply(p, im):
     return model.apply({"params": p}, im, levels=(depth - 1,))["last_hidden_state"]
-  forward = jax.jit(apply, compiler_options=options or None)
+  forward = jax.jit(apply, compiler_options=options)
   forward_default = jax.jit(apply)
   bf16_model = model.clone(dtype=jnp.bfloat16)  # bf16 compute; f32 params, softmax and norms
   forward_bf16 = jax.jit(lambda p, im: bf16_model.apply({"params": p}, im, levels=(depth - 1,))
                          ["last_hidden_state"].astype(jnp.float32),
-                         compiler_options=options or None)
+                         compiler_options=options)
   n = 2048
   a32 = jnp.asarray(np.random.default_rng(1).standard_normal((n, n)), jnp.float32)
   a16 = a32.astype(jnp.bfloat16)

@@ -124,8 +124,8 @@ def test_two_processes_sample_what_one_samples(golden_gpt, tmp_path):
   """The batch sharded over 2 processes x 2 devices draws exactly the one-process samples."""
   args = ["--gpt", golden_gpt[0], "--labels", "0,1,2,3,4,5,6,7,8,9,1,2", "--cfg", "2.0",
           "--top_k", "50", "--top_p", "0.9", "--seed", "3", "--batch_size", "8"]
-  outs = run_processes(["-m", "vfmtok_jax.sample", *args, "--out",
-                            str(tmp_path / "two.npz")], devices_each=2, tmp_path=tmp_path)
+  outs = run_processes(["-m", "vfmtok_jax.sample", *args, "--out", str(tmp_path / "two.npz")],
+                       devices_each=2, tmp_path=tmp_path)
   one = _sample(*args, "--out", str(tmp_path / "one.npz"))
   assert one.returncode == 0, one.stderr[-3000:]
   want = "compute dtype " + compute_dtype.auto("cpu")[0]  # --dtype auto says what it chose

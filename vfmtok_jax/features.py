@@ -75,7 +75,7 @@ def make_forward(vfm, *, size: int, resize: str, levels: Sequence[int], dtype: s
         keep[key] = out[key]
     return jax.tree.map(lambda a: a.astype(jnp.float32), keep)
 
-  return jax.jit(forward, compiler_options=compiler_options.dense_forward_options() or None)
+  return jax.jit(forward, compiler_options=compiler_options.dense_forward_options())
 
 
 def extract(vfm, batches, *, num_batches: int, size: int, resize: str, levels: Sequence[int],

@@ -33,7 +33,7 @@ class PaddedApply:
     self._rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
     self._consts = jax.device_put(
         consts, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    self._fn = jax.jit(fn, compiler_options=compiler_options or None)
+    self._fn = jax.jit(fn, compiler_options=compiler_options)
 
   def __call__(self, *arrays: np.ndarray) -> dict[str, np.ndarray]:
     arrays = tuple(np.asarray(a) for a in arrays)

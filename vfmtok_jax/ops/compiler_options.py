@@ -20,17 +20,18 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 
 _CPU_DENSE_FORWARD = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 @functools.lru_cache(maxsize=None)
 def _accepted(items: tuple[tuple[str, str], ...]) -> bool:
-  """Whether this jaxlib's CPU compiler takes these options (a tiny program compiled once)."""
+  """Whether this jaxlib's CPU compiler takes these options (a tiny program compiled once for a
+  CPU device, whatever the default backend)."""
+  x = jax.device_put(np.zeros((1,), np.float32), jax.devices("cpu")[0])
   try:
-    jax.jit(lambda x: x + 1).lower(jnp.zeros((1,), jnp.float32)).compile(
-        compiler_options=dict(items))
+    jax.jit(lambda x: x + 1).lower(x).compile(compiler_options=dict(items))
   except jax.errors.JaxRuntimeError:
     return False
   return True
